@@ -1,0 +1,193 @@
+"""The one place where the llama model and the ISP communicators meet, and the training step.
+
+`build_isp_model` swaps the plain model's modules for their ISP forms (weight-parallel
+linears, DistributedAttention, the sharded embedding and head), fills every shard from
+the same deterministic full-weight initialisation a single process would use, and
+attaches the communicators. `ISPTrainer.train_step` runs the micro-steps, reduces the
+gradients over the data-parallel groups and steps AdamW on the local shards.
+
+Gradient scaling. The vocab-parallel loss of a micro-batch is identical on every rank of a
+sequence group, and each rank's backward yields the gradient contribution of its own
+tokens. Summed over a sequence group these give that micro-batch's gradient; averaged over
+data-parallel replicas, the global gradient. Weight gradients are averaged over the weight
+group (reduce-scatter AVG, as in InternEvo) and then over the weight-data group, i.e. over
+all world_size = dp x sp ranks, so each rank back-propagates loss x sp / micro_num.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from isp_core.attention import DistributedAttention, local_attention
+from isp_core.collectives import all_reduce_
+from isp_core.data import MicroBatch
+from isp_core.head_embedding import (EmbeddingWeightParallelCommunicator, HeadLinear,
+                                     HeadWeightParallelCommunicator, ParallelEmbedding)
+from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook
+from isp_core.linear import WeightParallelLinear
+from isp_core.loss import vocab_parallel_cross_entropy
+from isp_core.memory_pool import ISPCommModelConfig
+from isp_core.model import LlamaConfig, LlamaModel
+from isp_core.topology import ParallelTopology
+
+LINEARS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"),
+           ("feed_forward", "w3"), ("feed_forward", "w2"))
+
+
+@dataclass(frozen=True)
+class ISPSettings:
+    overlap: bool = False
+    memory_pool: bool = False
+    vocab_parallel_embedding: bool = True
+    retain_out_sharded: bool = True
+
+
+def init_full_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter `name`, identical for every layout."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen) * 0.02
+
+
+def build_reference_model(cfg: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                          device: Optional[torch.device] = None) -> LlamaModel:
+    """The plain single-process model with the same initial weights as every ISP layout."""
+    model = LlamaModel(cfg, device=torch.device("meta")).to_empty(device=device or "cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(init_full_tensor(name, tuple(param.shape), seed))
+    return model.to(dtype)
+
+
+@dataclass
+class ISPModel:
+    model: LlamaModel
+    topology: ParallelTopology
+    communicator: ISPCommunicator
+    scheduler: ISPCommunicatorSchedulerHook
+    head_communicator: HeadWeightParallelCommunicator
+    embedding_communicator: EmbeddingWeightParallelCommunicator
+
+    def weight_parallel_params(self) -> list[nn.Parameter]:
+        """Parameters held as weight-group shards (reduced over the weight-data group)."""
+        return [p for m in self.model.modules() if isinstance(m, (WeightParallelLinear, ParallelEmbedding))
+                for p in m.parameters(recurse=False)]
+
+    def replicated_params(self) -> list[nn.Parameter]:
+        """Parameters every rank holds whole (the norms; reduced over the world)."""
+        sharded = {id(p) for p in self.weight_parallel_params()}
+        return [p for p in self.model.parameters() if id(p) not in sharded]
+
+
+def _shard_of(full: torch.Tensor, module: nn.Module, topo: ParallelTopology) -> torch.Tensor:
+    wp, rank = topo.wp, topo.weight.rank
+    if isinstance(module, ParallelEmbedding) and not module.vocab_parallel:
+        return full.chunk(wp, dim=1)[rank]
+    if isinstance(module, (WeightParallelLinear, ParallelEmbedding)):
+        return full.chunk(wp, dim=0)[rank]
+    return full
+
+
+def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(),
+                    seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: Optional[torch.device] = None) -> ISPModel:
+    device = torch.device(device or "cpu")
+    meta = torch.device("meta")
+    model = LlamaModel(cfg, device=meta)
+    for block in model.layers:
+        for parent_name, attr in LINEARS:
+            parent = getattr(block, parent_name)
+            plain = getattr(parent, attr)
+            setattr(parent, attr, WeightParallelLinear(plain.in_features, plain.out_features, topo.wp, device=meta))
+        block.attention.core = DistributedAttention(local_attention, topo.sequence)
+    model.tok_embeddings = ParallelEmbedding(cfg.vocab, cfg.hidden, topo.wp, settings.vocab_parallel_embedding,
+                                             device=meta)
+    model.output = HeadLinear(cfg.hidden, cfg.vocab, topo.wp, device=meta)
+    model.to_empty(device=device)
+    owners = {name: module for name, module in model.named_modules()}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            module = owners[name.rsplit(".", 1)[0]]
+            full_shape = _full_shape(module, param, name)
+            param.copy_(_shard_of(init_full_tensor(name, full_shape, seed), module, topo))
+    model.to(dtype)
+
+    conf = ISPCommModelConfig(dtype=dtype, device=device, activation_checkpointing=cfg.checkpoint)
+    comm = ISPCommunicator(model, conf, overlap=settings.overlap, enable_memory_pool=settings.memory_pool,
+                           process_group=topo.weight)
+    head_comm = HeadWeightParallelCommunicator(topo.weight, topo.sequence, settings.retain_out_sharded)
+    model.output.communicator = head_comm
+    emb_comm = EmbeddingWeightParallelCommunicator(topo.weight, settings.vocab_parallel_embedding)
+    emb_comm.register_module_hook(model.tok_embeddings)
+    return ISPModel(model, topo, comm, ISPCommunicatorSchedulerHook(comm), head_comm, emb_comm)
+
+
+def _full_shape(module: nn.Module, param: nn.Parameter, name: str) -> tuple[int, ...]:
+    if isinstance(module, WeightParallelLinear):
+        return tuple(module.full_shape) if name.endswith("weight") else (module.out_features,)
+    if isinstance(module, ParallelEmbedding):
+        return (module.vocab, module.hidden)
+    return tuple(param.shape)
+
+
+class ISPTrainer:
+    """Micro-steps with gradient accumulation, data-parallel reduction, AdamW on the shards."""
+
+    def __init__(self, isp: ISPModel, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
+        self.isp = isp
+        self.optimizer = torch.optim.AdamW(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def forward_backward(self, micro_batches: list[MicroBatch]) -> float:
+        """Accumulate the gradients of all micro-steps; returns this data-parallel group's mean loss."""
+        isp, topo = self.isp, self.isp.topology
+        scale = topo.sp / len(micro_batches)
+        total = 0.0
+        for mb in micro_batches:
+            isp.scheduler.before_forward()
+            logits = isp.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
+            if not isp.head_communicator.retain_out_sharded or topo.sp == 1:
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), mb.labels.flatten())
+            else:
+                loss = vocab_parallel_cross_entropy(logits, mb.labels, topo.sequence).mean()
+            isp.scheduler.before_backward()
+            (loss * scale).backward()
+            isp.scheduler.after_backward()
+            total += loss.item()
+        return total / len(micro_batches)
+
+    def reduce_gradients(self) -> None:
+        """Average shard gradients over the weight-data group and whole ones over the world."""
+        topo = self.isp.topology
+        for params, group in ((self.isp.weight_parallel_params(), topo.weight_data),
+                              (self.isp.replicated_params(), topo.world)):
+            grads = [p.grad for p in params if p.grad is not None]
+            if group.size == 1 or not grads:
+                continue
+            flat = _flatten_dense_tensors(grads)
+            all_reduce_(flat, group, op="avg", label=f"grad_sync.{group.name}")
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> float:
+        loss = self.forward_backward(micro_batches)
+        self.reduce_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+def mean_over_data_parallel(values: list[float], topo: ParallelTopology) -> list[float]:
+    """Per-step losses averaged over data-parallel replicas (not counted as ISP traffic)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if topo.world_size > 1 and dist.is_initialized():
+        dist.all_reduce(t)  # each sequence group holds sp identical copies of its loss
+        t /= topo.world_size
+    return t.tolist()

@@ -1,0 +1,136 @@
+"""Parallel sizes and process groups, all built from one rank grid.
+
+InternEvo lays ranks out so that a sequence group is a run of `sp` consecutive ranks and a
+weight group a run of `wp` consecutive ranks; the data and weight-data groups are the
+columns of those grids. With 8 ranks, sp=2, wp=4:
+
+    sequence    {0,1} {2,3} {4,5} {6,7}        grid arange(8).view(dp=4, sp=2), rows
+    data        {0,2,4,6} {1,3,5,7}            same grid, columns
+    weight      {0,1,2,3} {4,5,6,7}            grid arange(8).view(wdp=2, wp=4), rows
+    weight-data {0,4} {1,5} {2,6} {3,7}        same grid, columns
+
+Nothing here is global: a `ParallelTopology` is built once and passed to whoever needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from isp_core.comm_stats import CommStats
+
+GROUP_NAMES = ("sequence", "data", "weight", "weight_data", "world")
+
+
+def check_sizes(world_size: int, sp: int, wp: int) -> None:
+    """Raise ValueError unless sp and wp are positive divisors of world_size."""
+    problems = []
+    for name, size in (("world_size", world_size), ("sp", sp), ("wp", wp)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            problems.append(f"{name}={size!r} must be a positive integer")
+    if not problems:
+        if world_size % sp:
+            problems.append(f"world_size={world_size} is not divisible by sp={sp}")
+        if world_size % wp:
+            problems.append(f"world_size={world_size} is not divisible by wp={wp}")
+    if problems:
+        raise ValueError("invalid parallel sizes: " + "; ".join(problems))
+
+
+def group_layout(world_size: int, sp: int, wp: int) -> dict[str, list[list[int]]]:
+    """Every group of every kind, as lists of global ranks (pure; no torch.distributed)."""
+    check_sizes(world_size, sp, wp)
+    ranks = torch.arange(world_size)
+    seq_grid = ranks.view(world_size // sp, sp)
+    weight_grid = ranks.view(world_size // wp, wp)
+    return {
+        "sequence": seq_grid.tolist(),
+        "data": seq_grid.t().tolist(),
+        "weight": weight_grid.tolist(),
+        "weight_data": weight_grid.t().tolist(),
+        "world": [ranks.tolist()],
+    }
+
+
+@dataclass
+class CommGroup:
+    """One process group as seen from this rank, with the name used in traces and counts."""
+
+    name: str
+    ranks: tuple[int, ...]
+    rank: int  # this rank's index inside the group
+    pg: Optional[dist.ProcessGroup]  # None when the group has one rank: nothing to send
+    stats: CommStats = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+class ParallelTopology:
+    """Sizes `world_size`, `sp`, `wp`, derived `dp` and `wdp`, and this rank's groups.
+
+    Must be constructed on every rank in the same order (torch.distributed.new_group is
+    collective). With world_size 1 no process group is needed and none is created.
+    """
+
+    def __init__(self, world_size: int, sp: int, wp: int, rank: int = 0,
+                 stats: Optional[CommStats] = None) -> None:
+        layout = group_layout(world_size, sp, wp)
+        self.world_size, self.sp, self.wp, self.rank = world_size, sp, wp, rank
+        self.dp = world_size // sp
+        self.wdp = world_size // wp
+        self.stats = stats if stats is not None else CommStats()
+        self.groups: dict[str, CommGroup] = {}
+        for name in GROUP_NAMES:
+            mine = None
+            for ranks in layout[name]:
+                pg = None
+                if len(ranks) > 1:
+                    # Every rank takes part in creating every group, as new_group requires.
+                    pg = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
+                if rank in ranks:
+                    mine = CommGroup(name, tuple(ranks), ranks.index(rank), pg, self.stats)
+            assert mine is not None, f"rank {rank} is in no {name} group"
+            self.groups[name] = mine
+
+    @classmethod
+    def from_env(cls, sp: int, wp: int, stats: Optional[CommStats] = None) -> "ParallelTopology":
+        """Build from the initialised default process group (or a single process)."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_world_size(), sp, wp, dist.get_rank(), stats)
+        return cls(1, sp, wp, 0, stats)
+
+    @property
+    def sequence(self) -> CommGroup:
+        return self.groups["sequence"]
+
+    @property
+    def data(self) -> CommGroup:
+        return self.groups["data"]
+
+    @property
+    def weight(self) -> CommGroup:
+        return self.groups["weight"]
+
+    @property
+    def weight_data(self) -> CommGroup:
+        return self.groups["weight_data"]
+
+    @property
+    def world(self) -> CommGroup:
+        return self.groups["world"]
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's data-parallel replica (which slice of the batch it reads)."""
+        return self.data.rank
+
+    def __str__(self) -> str:
+        lines = [f"ParallelTopology(world_size={self.world_size}, sp={self.sp}, wp={self.wp}, "
+                 f"dp={self.dp}, wdp={self.wdp}) rank {self.rank}:"]
+        lines += [f"  {name:<12} {list(g.ranks)}" for name, g in self.groups.items()]
+        return "\n".join(lines)

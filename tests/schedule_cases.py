@@ -1,0 +1,76 @@
+"""Rank functions recording the ISP prefetch schedule and memory-pool use on real gloo ranks."""
+
+from __future__ import annotations
+
+import torch
+
+from isp_core.data import DataSpec, micro_batches
+from isp_core.engine import ISPSettings, ISPTrainer, build_isp_model
+from isp_core.model import LlamaConfig
+from isp_core.topology import ParallelTopology
+
+MODULES = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"]
+
+
+def expected_schedule(layers: int, ckpt: int) -> list[tuple[str, str]]:
+    """The order of gathers ('launch'), waits and releases one micro-step should produce."""
+    ev: list[tuple[str, str]] = []
+
+    def block(b: int, what: str) -> list[tuple[str, str]]:
+        return [(what, f"{b}.{m}") for m in MODULES]
+
+    # forward: block 0 up front, block b+1 right before block b's output projection
+    ev += block(0, "launch")
+    for b in range(layers):
+        for m in MODULES:
+            if m == "attention.wo" and b + 1 < layers:
+                ev += block(b + 1, "launch")
+            ev += [("wait", f"{b}.{m}"), ("release", f"{b}.{m}")]
+    # backward of the blocks that are not checkpointed: one module ahead
+    order = [(b, m) for b in range(layers - 1, ckpt - 1, -1) for m in reversed(MODULES)]
+    for i, (b, m) in enumerate(order):
+        if i == 0:
+            ev.append(("launch", f"{b}.{m}"))
+        ev.append(("wait", f"{b}.{m}"))
+        if i + 1 < len(order):
+            ev.append(("launch", f"{order[i + 1][0]}.{order[i + 1][1]}"))
+        ev.append(("release", f"{b}.{m}"))
+    # recompute + backward of checkpointed blocks: one block ahead, weights kept for backward
+    for b in range(ckpt - 1, -1, -1):
+        if b == ckpt - 1:
+            ev += block(b, "launch")
+        for m in MODULES:
+            if m == "attention.wo" and b > 0:
+                ev += block(b - 1, "launch")
+            ev.append(("wait", f"{b}.{m}"))
+        ev += [("release", f"{b}.{m}") for m in reversed(MODULES)]
+    return ev
+
+
+def record_schedule(rank: int, world_size: int, checkpoints: list[float], memory_pool: bool) -> list:
+    topo = ParallelTopology(world_size, sp=world_size, wp=world_size, rank=rank)
+    spec = DataSpec(seq_len=16, global_batch=2, micro_num=1, packed=False, vocab=64)
+    out = []
+    for ckpt in checkpoints:
+        cfg = LlamaConfig(hidden=32, layers=3, heads=4, kv_heads=2, vocab=64, mlp_hidden=48, checkpoint=ckpt)
+        isp = build_isp_model(cfg, topo, ISPSettings(overlap=True, memory_pool=memory_pool))
+        isp.communicator.events = []
+        ISPTrainer(isp).forward_backward(micro_batches(spec, 0, topo.dp, topo.dp_rank, topo.sp, topo.sequence.rank))
+        out.append((cfg.ckpt_blocks, list(isp.communicator.events)))
+    return out
+
+
+def pool_accounting(rank: int, world_size: int) -> dict:
+    """Bytes the pool holds, and that a full step leaves no buffer owned."""
+    topo = ParallelTopology(world_size, sp=world_size, wp=world_size, rank=rank)
+    cfg = LlamaConfig(hidden=32, layers=3, heads=4, kv_heads=2, vocab=64, mlp_hidden=48, checkpoint=0.5)
+    isp = build_isp_model(cfg, topo, ISPSettings(overlap=True, memory_pool=True))
+    pool = isp.communicator.memory_pool
+    spec = DataSpec(seq_len=16, global_batch=4, micro_num=2, vocab=64)
+    trainer = ISPTrainer(isp)
+    for step in range(2):
+        trainer.train_step(micro_batches(spec, step, topo.dp, topo.dp_rank, topo.sp, topo.sequence.rank))
+        assert pool.in_use() == [], f"buffers still owned after step {step}: {pool.in_use()}"
+    shapes = {name: tuple(s) for name, s in isp.communicator.model_conf.module_shapes.items()}
+    return {"bytes": pool.bytes_held(), "shapes": shapes,
+            "element_size": torch.tensor([], dtype=torch.float32).element_size()}

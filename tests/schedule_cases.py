@@ -74,3 +74,21 @@ def pool_accounting(rank: int, world_size: int) -> dict:
     shapes = {name: tuple(s) for name, s in isp.communicator.model_conf.module_shapes.items()}
     return {"bytes": pool.bytes_held(), "shapes": shapes,
             "element_size": torch.tensor([], dtype=torch.float32).element_size()}
+
+
+def counted_vs_predicted(rank: int, world_size: int, cases: list[tuple]) -> list[tuple]:
+    """CommStats of one real training step next to the formula, for each case."""
+    from isp_core.comm_formula import predicted_comm
+
+    out = []
+    for sp, wp, ckpt, micro, overlap, packed in cases:
+        topo = ParallelTopology(world_size, sp, wp, rank)
+        cfg = LlamaConfig(hidden=32, layers=3, heads=4, kv_heads=2, vocab=64, mlp_hidden=48, checkpoint=ckpt)
+        spec = DataSpec(seq_len=16, global_batch=8, micro_num=micro, packed=packed, vocab=64)
+        isp = build_isp_model(cfg, topo, ISPSettings(overlap=overlap, memory_pool=overlap))
+        batches = micro_batches(spec, 0, topo.dp, topo.dp_rank, sp, topo.sequence.rank)
+        topo.stats.reset()
+        ISPTrainer(isp).train_step(batches)
+        predicted = predicted_comm(cfg, spec, world_size, sp, wp, overlap, element_size=4)
+        out.append(((sp, wp, ckpt, micro, overlap, packed), topo.stats.snapshot(), predicted))
+    return out

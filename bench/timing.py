@@ -1,0 +1,141 @@
+"""Step timing: summary statistics, a per-step timer, and the cross-rank reduction.
+
+A step's time is the time of the slowest rank: on CUDA each rank times its own
+stream with events and the worker takes the element-wise max over ranks
+(`reduce_max_across_ranks`); on CPU the timer brackets the step with barriers so
+that every rank already reads the synchronised wall clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def percentile(sorted_samples: Sequence[float], q: float) -> float:
+    """Percentile by linear interpolation (numpy.percentile's default, "linear").
+
+    With the samples sorted ascending, x_0 <= ... <= x_{n-1}, and
+    pos = (n - 1) * q / 100, lo = floor(pos), hi = ceil(pos):
+        p_q = x_lo + (x_hi - x_lo) * (pos - lo)
+    """
+    if not sorted_samples:
+        raise ValueError("percentile of an empty list")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    pos = (len(sorted_samples) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    x_lo, x_hi = sorted_samples[lo], sorted_samples[hi]
+    return x_lo + (x_hi - x_lo) * (pos - lo)
+
+
+def summarize(samples: list[float]) -> dict:
+    """Summary statistics of step times (seconds).
+
+    median = p50, p10, p90: linear-interpolated percentiles (see `percentile`);
+    mean = sum(x) / n;
+    stdev = sqrt(sum((x - mean)^2) / (n - 1)), the sample standard deviation,
+            0.0 when n == 1;
+    min, max; samples: the list itself, in measurement order.
+    """
+    if not samples:
+        raise ValueError("summarize needs at least one sample")
+    xs = sorted(float(x) for x in samples)
+    return {
+        "median": percentile(xs, 50.0),
+        "p10": percentile(xs, 10.0),
+        "p90": percentile(xs, 90.0),
+        "mean": statistics.fmean(xs),
+        "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": xs[0],
+        "max": xs[-1],
+        "samples": [float(x) for x in samples],
+    }
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class StepTimer:
+    """Times training steps: `with timer.step(): ...`, then `timer.samples` (seconds).
+
+    CUDA: a start and an end `torch.cuda.Event(enable_timing=True)` are recorded on
+    the current stream around the step; after `end.synchronize()` the step time is
+    start.elapsed_time(end) / 1000 (elapsed_time is in milliseconds). Work on other
+    streams is included only if it is joined back to the current stream before the
+    end event, as every collective's wait() does.
+
+    CPU: barrier, t0 = perf_counter(), step, barrier, t1 = perf_counter(); the
+    sample is t1 - t0. The barriers (when torch.distributed is initialised) make
+    every rank start together and stop only when the slowest rank is done, so the
+    sample is the synchronised wall clock; it includes one barrier latency.
+    """
+
+    def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None = None) -> None:
+        self.device = torch.device(device)
+        self.group = group
+        self.samples: list[float] = []
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Time the body of the `with` block and append the seconds to `samples`."""
+        if self.device.type == "cuda":
+            with self._cuda_step():
+                yield
+        else:
+            with self._cpu_step():
+                yield
+
+    @contextlib.contextmanager
+    def _cuda_step(self) -> Iterator[None]:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        end.synchronize()
+        self.samples.append(start.elapsed_time(end) / 1000.0)
+
+    @contextlib.contextmanager
+    def _cpu_step(self) -> Iterator[None]:
+        self._barrier()
+        t0 = time.perf_counter()
+        yield
+        self._barrier()
+        self.samples.append(time.perf_counter() - t0)
+
+    def _barrier(self) -> None:
+        if _dist_ready():
+            dist.barrier(group=self.group)
+
+    def reset(self) -> None:
+        """Drop the samples taken so far (e.g. after warm-up)."""
+        self.samples.clear()
+
+
+def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
+    """NCCL reduces only CUDA tensors; every other backend here takes CPU ones."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_max_across_ranks(samples: list[float], group: dist.ProcessGroup | None = None) -> list[float]:
+    """Element-wise max over ranks: out[i] = max_r samples_r[i].
+
+    One all_reduce(MAX) of a float64 tensor; every rank must pass the same number
+    of samples. Identity (a copy) when torch.distributed is not initialised.
+    """
+    if not _dist_ready():
+        return [float(x) for x in samples]
+    t = torch.tensor(samples, dtype=torch.float64, device=_reduction_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [float(x) for x in t.cpu().tolist()]

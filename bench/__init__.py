@@ -1,0 +1,1 @@
+"""ISP Bench: benchmark harness (config, runner, worker, reports) for isp_core."""

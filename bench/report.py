@@ -29,6 +29,7 @@ class Column:
     # (record, its baseline record or None) -> cell text, or None for MISSING
     value: Callable[[Record, Record | None], str | None]
     optional: bool = False  # hidden when no row has a value
+    best: tuple[str, str] | None = None  # (metric, "min" | "max"): the best cell is marked BEST
 
 
 def metric(record: Record | None, dotted: str) -> Any:
@@ -68,13 +69,32 @@ def _scaled(dotted: str, scale: float, fmt: str) -> Callable[[Record, Record | N
     return value
 
 
+def _flag(dotted: str) -> Callable[[Record, Record | None], str | None]:
+    def value(record: Record, _: Record | None) -> str | None:
+        x = metric(record, dotted)
+        return None if x is None else ("yes" if x else "NO")
+    return value
+
+
+BEST = " *"  # marks the best value of a column (legend under the table)
+
 COLUMNS: list[Column] = [
     Column("cell", lambda r, _: r.get("cell")),
     Column("status", lambda r, _: r.get("status")),
-    Column("step time", step_time),
-    Column("tokens/s", _scaled("tokens_per_s", 1.0, ",.0f")),
-    Column("peak mem (MiB)", _scaled("peak_memory_bytes", 2**20, ",.0f")),
+    Column("step time", step_time, best=("step_time_s.median", "min")),
     Column("speed-up", speedup),
+    Column("tokens/s", _scaled("tokens_per_s", 1.0, ",.0f"), best=("tokens_per_s", "max")),
+    Column("TFLOP/s/rank", _scaled("tflops_per_rank", 1.0, ".3g"), optional=True, best=("tflops_per_rank", "max")),
+    Column("MFU %", _scaled("mfu", 0.01, ".1f"), optional=True, best=("mfu", "max")),
+    Column("peak mem (MiB)", _scaled("peak_memory_bytes", 2**20, ",.0f"), best=("peak_memory_bytes", "min")),
+    Column("comm MiB/step", _scaled("comm.bytes_per_step", 2**20, ",.2f"), optional=True),
+    Column("exposed comm (ms)", _scaled("exposed_comm_s", 1e-3, ",.1f"), optional=True,
+           best=("exposed_comm_s", "min")),
+    Column("overlap %", _scaled("overlap_pct", 1.0, ".1f"), optional=True, best=("overlap_pct", "max")),
+    Column("energy/token (mJ)", _scaled("nvml.energy_per_token_j", 1e-3, ".3g"), optional=True,
+           best=("nvml.energy_per_token_j", "min")),
+    Column("bytes = formula", _flag("comm.matches_prediction"), optional=True),
+    Column("loss = reference", _flag("loss_matches_reference"), optional=True),
     Column("error", lambda r, _: (r.get("error") or {}).get("reason"), optional=True),
 ]
 
@@ -144,9 +164,27 @@ def table(run_dir: Path | str, tablefmt: str = "simple") -> str:
     rule = _read_yaml(run_dir / "config.yaml").get("baseline") or {}
     base = baselines(records, rule if isinstance(rule, dict) else {})
     grid = [[col.value(r, base.get(r["cell"])) for col in COLUMNS] for r in records]
+    _mark_best(records, grid)
     shown = [i for i, col in enumerate(COLUMNS) if not col.optional or any(row[i] is not None for row in grid)]
     rows = [[MISSING if row[i] is None else row[i] for i in shown] for row in grid]
     return tabulate(rows, headers=[COLUMNS[i].header for i in shown], tablefmt=tablefmt, disable_numparse=True)
+
+
+def _mark_best(records: list[Record], grid: list[list[str | None]]) -> None:
+    """Append BEST to the best ok value of each column that has a direction (ties all marked)."""
+    for i, col in enumerate(COLUMNS):
+        if col.best is None:
+            continue
+        name, direction = col.best
+        values = [(_num(metric(r, name)), row) for r, row in zip(records, grid, strict=True)
+                  if r.get("status") == "ok"]
+        values = [(v, row) for v, row in values if v is not None and row[i] is not None]
+        if len(values) < 2:
+            continue
+        target = (min if direction == "min" else max)(v for v, _ in values)
+        for v, row in values:
+            if v == target:
+                row[i] = f"{row[i]}{BEST}"
 
 
 def write_csv(run_dir: Path | str) -> Path:
@@ -197,7 +235,9 @@ def write_summary(run_dir: Path | str) -> str:
     """Write summary.md and results.csv for the run; return the console table."""
     run_dir = Path(run_dir)
     records = latest(read_records(run_dir))
-    lines = _header(run_dir, records) + [table(run_dir, "github"), ""]
+    lines = _header(run_dir, records) + [table(run_dir, "github"), "",
+                                          f"`{BEST.strip()}` marks the best value of a column among the ok cells.", ""]
+    lines += _plots(run_dir)
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         lines += ["## Failures", ""]
@@ -207,3 +247,17 @@ def write_summary(run_dir: Path | str) -> str:
     (run_dir / "summary.md").write_text("\n".join(lines))
     write_csv(run_dir)
     return table(run_dir)
+
+
+def _plots(run_dir: Path) -> list[str]:
+    """PNG plots of the run, embedded in summary.md; a plotting failure never loses the summary."""
+    try:
+        from bench.plots import write_run_plots
+
+        paths = write_run_plots(run_dir)
+    except Exception as err:  # noqa: BLE001 - matplotlib missing or a record it cannot draw
+        return [f"(plots not drawn: {type(err).__name__}: {err})", ""]
+    lines = ["## Plots", ""] if paths else []
+    for path in paths:
+        lines += [f"![{path.stem}]({path.relative_to(run_dir)})", ""]
+    return lines

@@ -92,3 +92,54 @@ def counted_vs_predicted(rank: int, world_size: int, cases: list[tuple]) -> list
         predicted = predicted_comm(cfg, spec, world_size, sp, wp, overlap, element_size=4)
         out.append(((sp, wp, ckpt, micro, overlap, packed), topo.stats.snapshot(), predicted))
     return out
+
+
+def chunks_and_prerequisites(rank: int, world_size: int) -> dict:
+    """Two model chunks behind one communicator, with a forward-prefetch prerequisite callback.
+
+    Each chunk is a whole model here; the communicator must keep their schedules apart
+    (switch_current_model_chunk) and call the prerequisite before every forward prefetch.
+    """
+    from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook
+    from isp_core.memory_pool import ISPCommModelConfig
+
+    topo = ParallelTopology(world_size, sp=1, wp=world_size, rank=rank)
+    cfg = LlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64, mlp_hidden=48, checkpoint=0.5)
+    spec = DataSpec(seq_len=16, global_batch=2 * world_size, micro_num=1, packed=True, vocab=64)
+    chunks = [build_isp_model(cfg, topo, ISPSettings(overlap=False), seed=s) for s in (0, 1)]
+    comm = ISPCommunicator([c.model for c in chunks], ISPCommModelConfig(activation_checkpointing=0.5),
+                           overlap=True, enable_memory_pool=True, process_group=topo.weight)
+    hook = ISPCommunicatorSchedulerHook(comm)
+    seen: list[tuple[str, int]] = []
+    comm.register_prerequisite_for_forward_prefetch_hooks(
+        lambda block: seen.append(("prerequisite", id(block))))
+    comm.events = []
+    batches = micro_batches(spec, 0, topo.dp, topo.dp_rank, 1, 0)
+    grads = []
+    for chunk_id, chunk in enumerate(chunks):
+        for mb in batches:
+            hook.before_forward(chunk_id)
+            logits = chunk.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.labels.flatten())
+            hook.before_backward(chunk_id)
+            loss.backward()
+            hook.after_backward()
+        grads.append(chunks[chunk_id].model.layers[1].feed_forward.w2.weight.grad.clone())
+    blocks = [[id(b) for b in c.model.layers] for c in chunks]
+    return {"seen": seen, "blocks": blocks, "events": len(comm.events), "grads": grads,
+            "launches": [e for e in comm.events if e[0] == "launch"]}
+
+
+def chunk_reference(rank: int, world_size: int) -> list:
+    """The same two chunks, each with its own synchronous communicator: the gradients to match."""
+    topo = ParallelTopology(world_size, sp=1, wp=world_size, rank=rank)
+    cfg = LlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64, mlp_hidden=48, checkpoint=0.5)
+    spec = DataSpec(seq_len=16, global_batch=2 * world_size, micro_num=1, packed=True, vocab=64)
+    out = []
+    for seed in (0, 1):
+        isp = build_isp_model(cfg, topo, ISPSettings(overlap=False), seed=seed)
+        for mb in micro_batches(spec, 0, topo.dp, topo.dp_rank, 1, 0):
+            logits = isp.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.labels.flatten()).backward()
+        out.append(isp.model.layers[1].feed_forward.w2.weight.grad.clone())
+    return out

@@ -93,3 +93,17 @@ def test_memory_pool_never_hands_out_a_buffer_in_use() -> None:
     held = pool.bytes_held()
     assert held["all_gather"] == 2 * (32 + 16 + 8 + 4) * 4
     assert held["reduce_scatter"] == 2 * 8 * 4
+
+
+def test_model_chunks_and_forward_prefetch_prerequisites() -> None:
+    got = run_ranks(2, schedule_cases.chunks_and_prerequisites)
+    want = run_ranks(2, schedule_cases.chunk_reference)
+    for rank in range(2):
+        result = got[rank]
+        # the prerequisite ran before each forward prefetch of each block of each chunk, in order
+        assert [b for _, b in result["seen"]] == [b for chunk in result["blocks"] for b in chunk]
+        # each chunk's schedule used its own modules: 2 chunks x 2 blocks x 5 linears launched
+        # in forward, again in backward (block 1) and in the recompute (block 0)
+        assert len(result["launches"]) == 2 * (2 * 5 + 5 + 5)
+        for g, w in zip(result["grads"], want[rank]):
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-7)

@@ -1,7 +1,8 @@
 """Turns one cell's raw measurements (rank 0's view plus every rank's) into its metrics record.
 
 Formulas are documented where they live: timing.summarize, metrics.model_flops_per_step,
-metrics.busbw, overlap.overlap_stats, isp_core.comm_formula.predicted_comm.
+metrics.busbw, overlap.overlap_stats, isp_core.comm_formula.predicted_comm (isp) and
+isp_core.peer_formula.predicted_peer_comm (fsdp2, ddp, ulysses), bench.loss_check.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from bench.metrics import (achieved_tflops, algbw, busbw, causal_pairs_per_step,
                            mfu, model_flops_per_step)
 from bench.overlap import comm_time_by_kind, intervals_from_chrome_trace, overlap_stats
 from bench.timing import summarize
+from bench.loss_check import compare as compare_losses
+from bench.loss_check import skip_reason as loss_check_skip_reason
 from isp_core.comm_formula import predicted_comm
 from isp_core.data import DataSpec, global_batch
 from isp_core.model import LlamaConfig
+from isp_core.peer_formula import predicted_peer_comm
 
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -48,8 +52,12 @@ def per_step_comm(counted_total: dict, steps: int) -> dict:
 def comm_metrics(config: CellConfig, counted_total: dict) -> dict[str, Any]:
     p = config.parallel
     counted = per_step_comm(counted_total, config.run.measure_steps)
-    predicted = predicted_comm(llama_config(config), data_spec(config), p.world_size, p.sp, p.wp, p.overlap,
-                               ELEMENT_SIZE[config.run.dtype])
+    if p.strategy == "isp":
+        predicted = predicted_comm(llama_config(config), data_spec(config), p.world_size, p.sp, p.wp, p.overlap,
+                                   ELEMENT_SIZE[config.run.dtype])
+    else:
+        predicted = predicted_peer_comm(p.strategy, llama_config(config), data_spec(config), p.world_size, p.sp,
+                                        ELEMENT_SIZE[config.run.dtype])
     mismatches = diff_counts(counted, predicted)
     return {"counted_per_step": counted, "predicted_per_step": predicted,
             "matches_prediction": not mismatches, "mismatches": mismatches,
@@ -101,10 +109,11 @@ def bandwidth(config: CellConfig, counted: dict, times: dict[str, float]) -> dic
 
 
 def assemble_metrics(config: CellConfig, raw: dict, per_rank: list[dict], pool_bytes: int,
-                     device: torch.device) -> dict[str, Any]:
+                     device: torch.device, loss_reference: Optional[list[float]] = None) -> dict[str, Any]:
     timing = summarize(raw["samples"])
     world = config.parallel.world_size
-    # each sequence group holds sp identical copies of its loss: the sum over ranks / world is the dp mean
+    # ISP: each sequence group holds sp identical copies of its loss; the peers: each rank its own
+    # tokens' mean, equal token counts. Either way the sum over ranks / world is the global mean.
     losses = [sum(r["losses"][i] for r in per_rank) / world for i in range(len(per_rank[0]["losses"]))]
     memory = [r["memory"] for r in per_rank]
     peak_key = "peak_allocated_bytes" if device.type == "cuda" else "peak_rss_bytes"
@@ -119,6 +128,10 @@ def assemble_metrics(config: CellConfig, raw: dict, per_rank: list[dict], pool_b
         "comm": comm,
         **flops_metrics(config, raw["first_measured_step"], timing["median"], device),
     }
+    if loss_reference is not None:
+        metrics.update(compare_losses(losses, loss_reference))
+    else:
+        metrics["loss_check_skipped"] = loss_check_skip_reason(config) or "no reference given"
     traces = [trace_metrics(config, r["profile"], comm["counted_per_step"]) for r in per_rank]
     if any(traces):
         per_rank_overlap = [t["overlap"] for t in traces if t]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bench import report, runner
+from bench import report, roofline, runner
 from bench.config import ConfigError
 from bench.config_checks import probe_host
 from bench.launch import DEFAULT_WORKER, LaunchOptions
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="re-run the cells of RUN_DIR that have no ok record, with its saved config")
     p.add_argument("--results-dir", type=Path, default=Path("results"), help="where run folders go (results/)")
+    p.add_argument("--link-profile", type=Path, metavar="RUN_DIR",
+                   help="a run with collectives cells (docs/collectives.md): training cells record their "
+                        "communication roofline from its tables")
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG to torchrun, e.g. --torchrun-arg=--nnodes=2 "
                         "--torchrun-arg=--rdzv-endpoint=host:29500 (default: --standalone)")
@@ -70,6 +73,10 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
 
 def _run(args: argparse.Namespace, command_line: list[str]) -> int:
     opts = _options(args)
+    if args.link_profile is not None and not roofline.load_curves(args.link_profile):
+        why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
+               "; allowed: a run folder of a collectives config")
+        raise ConfigError([why])
     host = None if args.dry_run else probe_host(opts.nnodes)
     if args.resume is not None:
         bench, cells = _resumable(args, host)
@@ -84,7 +91,7 @@ def _run(args: argparse.Namespace, command_line: list[str]) -> int:
         run_dir = runner.new_run_dir(args.results_dir, bench.name)
         runner.prepare(run_dir, bench, command_line)
     print(f"{bench.name}: {len(cells)} cell(s) -> {run_dir}", flush=True)
-    code = runner.run_cells(run_dir, cells, opts)
+    code = runner.run_cells(run_dir, cells, opts, link_profile=args.link_profile)
     print(report.write_summary(run_dir))
     print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
     return code

@@ -10,16 +10,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-# Grows to ("isp", "fsdp2", "ddp", "ulysses") as the worker learns those strategies.
-STRATEGIES: tuple[str, ...] = ("isp",)
+# isp, and PyTorch's own peers on the same model and tokens (isp_core/peers.py, docs/peers.md).
+STRATEGIES: tuple[str, ...] = ("isp", "fsdp2", "ddp", "ulysses")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # sp and wp may say "world": the cell's world_size, so one matrix axis over world_size works.
 WORLD = "world"
+# What a cell runs: training steps, or nccl-tests-style collective sweeps (docs/collectives.md).
+KINDS: tuple[str, ...] = ("training", "collectives")
+COLLECTIVE_OPS: tuple[str, ...] = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
+COLLECTIVE_GROUPS: tuple[str, ...] = ("weight", "sequence", "world")
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 class ConfigError(ValueError):
@@ -41,7 +47,9 @@ class Problem:
 
 @dataclass(frozen=True)
 class Rule:
-    """What one field accepts. `kind` is one of int, float, bool, str, auto_bool, ranks."""
+    """What one field accepts. `kind` is one of int, float, bool, str, auto_bool, ranks,
+    subset (a non-empty list of distinct `choices`, kept as a tuple), bytes (an int, or '1K', '256M',
+    '1G', kept as the int)."""
 
     kind: str
     lo: float | None = None
@@ -54,12 +62,15 @@ class Rule:
     def allowed(self) -> str:
         if self.choices:
             text = ", ".join(repr(c) for c in self.choices)
+            text = f"a non-empty list of distinct values from {text}" if self.kind == "subset" else text
         elif self.kind == "bool":
             text = "true or false"
         elif self.kind == "auto_bool":
             text = "'auto', true or false"
         elif self.kind == "ranks":
             text = "'all' or a list of ints >= 0"
+        elif self.kind == "bytes":
+            text = f"an int >= {self.lo:g} or a string such as '1K', '256M', '1G' (powers of 1024)"
         else:
             bounds = [] if self.gt is None else [f"> {self.gt:g}"]
             if self.lo is not None:
@@ -79,9 +90,11 @@ class Rule:
         ok, value = _type_ok(self.kind, value)
         if not ok:
             return value, f"got {_show(value)}; allowed: {self.allowed()}"
-        if self.choices and value not in self.choices:
+        if self.kind == "subset" and (bad := [v for v in value if v not in self.choices]):
+            return value, f"{_show(bad)} is not allowed; allowed: {self.allowed()}"
+        if self.choices and self.kind != "subset" and value not in self.choices:
             return value, f"{_show(value)} is not allowed; allowed: {self.allowed()}"
-        if self.kind in ("int", "float") and not _in_range(value, self.lo, self.hi, self.gt):
+        if self.kind in ("int", "float", "bytes") and not _in_range(value, self.lo, self.hi, self.gt):
             return value, f"{_show(value)} is out of range; allowed: {self.allowed()}"
         return value, None
 
@@ -100,6 +113,13 @@ def _type_ok(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if kind == "auto_bool":
         return isinstance(value, bool) or value == "auto", value
+    if kind == "subset":
+        ok = isinstance(value, (list, tuple)) and bool(value) and len({repr(v) for v in value}) == len(value)
+        return ok, tuple(value) if ok else value
+    if kind == "bytes":
+        if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", value.upper())):
+            return True, int(m.group(1)) * _BYTE_UNITS[m.group(2)]
+        return isinstance(value, int) and not isinstance(value, bool), value
     if kind == "ranks":
         if value == "all":
             return True, value
@@ -189,7 +209,7 @@ class ParallelConfig(Section):
     wp: int = _f(2, "int", "weight-parallel size (parallel.weight size)", lo=1, words=(WORLD,))
     overlap: bool = _f(True, "bool", "prefetch weights / overlap comm (parallel.weight overlap)")
     memory_pool: bool = _f(False, "bool", "reuse gathered-weight buffers (parallel.weight memory_pool)")
-    strategy: str = _f("isp", "str", "parallel strategy", choices=STRATEGIES)
+    strategy: str = _f("isp", "str", "isp, or a peer: fsdp2, ddp (sp=wp=1), ulysses (wp=1)", choices=STRATEGIES)
 
     def __post_init__(self) -> None:
         for name in ("sp", "wp"):
@@ -201,6 +221,7 @@ class ParallelConfig(Section):
 @dataclass(frozen=True)
 class RunConfig(Section):
     NAME: ClassVar[str] = "run"
+    kind: str = _f("training", "str", "what the cell runs: training steps or collective sweeps", choices=KINDS)
     device: str = _f("cpu", "str", "where ranks compute", choices=DEVICES)
     backend: str = _f("gloo", "str", "torch.distributed backend", choices=BACKENDS)
     dtype: str = _f("float32", "str", "compute dtype", choices=DTYPES)
@@ -210,6 +231,7 @@ class RunConfig(Section):
     lr: float = _f(1e-3, "float", "AdamW learning rate", lo=0.0)
     peak_tflops: float | None = _f(None, "float", "device peak for MFU; null: the device's table", gt=0.0,
                                      nullable=True)
+    check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-rank fp32 run; auto: on cpu in float32")
 
 
 @dataclass(frozen=True)
@@ -218,7 +240,7 @@ class ProfileConfig(Section):
     enabled: bool = _f(False, "bool", "run torch.profiler over the schedule below")
     wait: int = _f(1, "int", "profiler schedule: steps skipped", lo=0)
     warmup: int = _f(1, "int", "profiler schedule: steps traced but dropped", lo=0)
-    active: int = _f(2, "int", "profiler schedule: steps recorded", lo=1)
+    active: int = _f(2, "int", "profiler schedule: steps recorded (a trace needs two ProfilerStep#)", lo=2)
     repeat: int = _f(1, "int", "profiler schedule: cycles (0: until the run ends)", lo=0)
     ranks: Any = _f("all", "ranks", "ranks that write a trace")
     record_shapes: bool = _f(False, "bool", "torch.profiler record_shapes")
@@ -234,8 +256,27 @@ class NvmlConfig(Section):
     interval_ms: int = _f(100, "int", "sampling period", lo=1)
 
 
+@dataclass(frozen=True)
+class CollectivesConfig(Section):
+    """nccl-tests-style sweep of a `run.kind: collectives` cell; ignored by training cells."""
+
+    NAME: ClassVar[str] = "collectives"
+    ops: tuple[str, ...] = _f(COLLECTIVE_OPS, "subset", "collectives swept, in this order", choices=COLLECTIVE_OPS)
+    group: str = _f("weight", "str", "group measured: weight (wp ranks), sequence (sp), world",
+                    choices=COLLECTIVE_GROUPS)
+    min_bytes: int = _f(1024, "bytes", "smallest message (nccl-tests -b)", lo=1)
+    max_bytes: int = _f(4 << 20, "bytes", "largest message (nccl-tests -e)", lo=1)
+    factor: int = _f(2, "int", "size multiplier between steps (nccl-tests -f)", lo=2)
+    warmup_iters: int = _f(5, "int", "untimed calls per op and size (nccl-tests -w)", lo=0)
+    iters: int = _f(20, "int", "timed calls per op and size (nccl-tests -n)", lo=1)
+    async_op: bool = _f(False, "bool", "launch all iters, then wait once (else wait after each call)")
+    min_busbw_gbps: float | None = _f(None, "float", "fail the cell below this average busbw; null: no floor",
+                                        gt=0.0, nullable=True)
+
+
 SECTIONS: dict[str, type] = {
-    c.NAME: c for c in (ModelConfig, DataConfig, ParallelConfig, RunConfig, ProfileConfig, NvmlConfig)
+    c.NAME: c for c in (ModelConfig, DataConfig, ParallelConfig, RunConfig, ProfileConfig, NvmlConfig,
+                        CollectivesConfig)
 }
 
 
@@ -261,6 +302,7 @@ class CellConfig:
     run: RunConfig = field(default_factory=RunConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     nvml: NvmlConfig = field(default_factory=NvmlConfig)
+    collectives: CollectivesConfig = field(default_factory=CollectivesConfig)
 
     def __post_init__(self) -> None:
         # Imported here: config_checks needs these classes, and this check must run on any build.

@@ -23,7 +23,11 @@ def _divisors(n: int) -> str:
 
 def cell_problems(cell: CellConfig) -> list[Problem]:
     """Rules that depend only on the cell: each rank must get whole heads, rows and tokens."""
-    return _layout_problems(cell) + _shard_problems(cell) + _run_problems(cell)
+    if cell.run.kind == "collectives":  # no model runs: the rank grid and the sweep only
+        from bench.collectives_spec import collectives_problems
+
+        return collectives_problems(cell) + _run_problems(cell)
+    return _layout_problems(cell) + _shard_problems(cell) + _run_problems(cell) + _strategy_problems(cell)
 
 
 def _layout_problems(cell: CellConfig) -> list[Problem]:
@@ -76,7 +80,8 @@ def _shard_problems(cell: CellConfig) -> list[Problem]:
     """Weights are row-sharded over wp and logits vocab-sharded over sp: each dim must split evenly."""
     m, p = cell.model, cell.parallel
     out = []
-    for size, name in ((p.wp, "wp"), (p.sp, "sp")):
+    # Only ISP's head is vocab-parallel over sp; the peers' head is a plain linear on local tokens.
+    for size, name in ((p.wp, "wp"), (p.sp, "sp")) if p.strategy == "isp" else ((p.wp, "wp"),):
         if m.vocab % size:
             out.append(Problem("model.vocab", f"vocab={m.vocab} is not divisible by {name}={size}; "
                                               f"allowed: multiples of {size}"))
@@ -90,6 +95,27 @@ def _shard_problems(cell: CellConfig) -> list[Problem]:
             out.append(Problem("model.heads", f"the fused QKV weight has (heads+2*kv_heads)*head_dim={qkv} rows, "
                                               f"not divisible by wp={p.wp}; allowed: heads/kv_heads making it a "
                                               f"multiple of {p.wp}"))
+    return out
+
+
+def _strategy_problems(cell: CellConfig) -> list[Problem]:
+    """The peers (docs/peers.md) have no weight group, and fsdp2/ddp no sequence split."""
+    p, r = cell.parallel, cell.run
+    out = []
+    sweep = "; to sweep strategies, give each its sp/wp in include entries (configs/peers-cpu.yaml)"
+    if p.strategy in ("fsdp2", "ddp") and p.sp != 1:
+        out.append(Problem("parallel.sp", f"sp={p.sp} with strategy {p.strategy}, which splits no sequence "
+                                          f"(dp = world_size); allowed: 1{sweep}"))
+    if p.strategy != "isp" and p.wp != 1:
+        how = "every rank holds whole weights" if p.strategy == "ddp" else "FSDP2 shards weights over the world"
+        out.append(Problem("parallel.wp", f"wp={p.wp} with strategy {p.strategy}, which has no weight group "
+                                          f"({how}); allowed: 1{sweep}"))
+    if p.strategy == "ddp" and r.warmup_steps < 1:
+        out.append(Problem("run.warmup_steps", "0 with strategy ddp: DDP rebuilds its gradient buckets after "
+                                               "its first step, so that step communicates differently; allowed: >= 1"))
+    if r.check_loss is True and r.dtype != "float32":
+        out.append(Problem("run.check_loss", f"true with dtype {r.dtype}: the reference check compares float32 "
+                                             f"losses to 1e-4; allowed with {r.dtype}: 'auto' or false"))
     return out
 
 

@@ -135,7 +135,8 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
                            interrupted=True)
     wall = time.monotonic() - start
     if proc.returncode != 0:
-        return Outcome("failed", None, failure(paths, proc.returncode, None), wall)
+        metrics, reason = judged_result(paths.result)
+        return Outcome("failed", metrics, failure(paths, proc.returncode, reason), wall)
     metrics, problem = read_result(paths.result)
     if problem:
         return Outcome("failed", None, failure(paths, 0, problem), wall)
@@ -150,6 +151,18 @@ def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(metrics, dict):
         return None, "exited 0 but result.json has no 'metrics' mapping"
     return metrics, None
+
+
+def judged_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A worker that fails its own cell (a collectives check) leaves result.json with its metrics
+    and an `error` string before exiting non-zero: both go into the record. (None, None) otherwise."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
+        return None, None
+    return (doc["metrics"] if isinstance(doc.get("metrics"), dict) else None), doc["error"]
 
 
 @contextlib.contextmanager

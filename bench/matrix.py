@@ -19,7 +19,7 @@ from bench.config_checks import HostLimits, host_problems
 from bench.config_file import TOP_KEYS, Messages, apply_overrides, key_problem, read_doc
 
 _ABBREV = {"overlap": "ov", "memory_pool": "mp", "checkpoint": "ck", "world_size": "ws", "sp": "sp",
-           "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": ""}
+           "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": "", "kind": "", "group": ""}
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 

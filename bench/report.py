@@ -93,6 +93,8 @@ COLUMNS: list[Column] = [
     Column("overlap %", _scaled("overlap_pct", 1.0, ".1f"), optional=True, best=("overlap_pct", "max")),
     Column("energy/token (mJ)", _scaled("nvml.energy_per_token_j", 1e-3, ".3g"), optional=True,
            best=("nvml.energy_per_token_j", "min")),
+    Column("comm / roofline", _scaled("roofline.ratio", 1.0, ".2f"), optional=True),
+    Column("busbw GB/s (collectives)", _scaled("collectives.avg_busbw_gbps", 1.0, ".3g"), optional=True),
     Column("bytes = formula", _flag("comm.matches_prediction"), optional=True),
     Column("loss = reference", _flag("loss_matches_reference"), optional=True),
     Column("error", lambda r, _: (r.get("error") or {}).get("reason"), optional=True),

@@ -8,6 +8,7 @@ crash or Ctrl-C loses at most the cell that was running, and --resume picks up f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from bench import env_info
+from bench import env_info, roofline
+from bench.collectives_spec import table_of
 from bench.launch import CellPaths, LaunchOptions, Outcome, launch
 from bench.matrix import BenchConfig, Cell
 from bench.report import read_records
@@ -110,9 +112,26 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout) -> int:
+def with_roofline(run_dir: Path, cell: Cell, outcome: Outcome, linked: list[roofline.Curve]) -> Outcome:
+    """A training cell that ran ok gets metrics.roofline when a collectives table (this run's,
+    then --link-profile's) fits it; a bug here must not cost the sweep the cell's record."""
+    if outcome.status != "ok" or cell.config.run.kind != "training" or not outcome.metrics:
+        return outcome
+    curves = roofline.load_curves(run_dir) + linked
+    try:
+        roof = roofline.roofline(cell.config, outcome.metrics, curves) if curves else None
+    except Exception as exc:  # noqa: BLE001 - recorded, not raised
+        roof = {"error": f"{type(exc).__name__}: {exc}"}
+    return outcome if roof is None else dataclasses.replace(outcome, metrics={**outcome.metrics, "roofline": roof})
+
+
+def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout,
+              link_profile: Path | None = None) -> int:
     """Run each cell in turn, whatever happens to the others; return the exit code of the sweep."""
     results = run_dir / "results.jsonl"
+    linked = roofline.load_curves(link_profile) if link_profile is not None else []
+    # Collectives cells first, so the training cells after them get a roofline from this run.
+    cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
     start, durations, failed = time.monotonic(), [], 0
     with _sigterm_as_interrupt():
         try:
@@ -122,11 +141,13 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
                 paths.config.parent.mkdir(parents=True, exist_ok=True)
                 paths.config.write_text(json.dumps(cell.config.to_dict(), indent=1) + "\n")
                 started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                outcome = launch(cell.config, paths, opts)
+                outcome = with_roofline(run_dir, cell, launch(cell.config, paths, opts), linked)
                 append_record(results, make_record(run_dir, cell, started, outcome))
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"
                 print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)
+                if (table := table_of(outcome.metrics)) is not None:
+                    print(table, file=out, flush=True)
                 if outcome.interrupted:
                     return EXIT_INTERRUPTED
         except KeyboardInterrupt:  # between cells, when no job is running to kill

@@ -18,17 +18,20 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from bench import loss_check
 from bench.cell_metrics import assemble_metrics
 from bench.config import CellConfig
 from bench.memory import peak_memory, reset_peak
 from bench.nvml import NvmlSampler, local_device_ids
-from bench.profiling import Profiler, steps_needed
+from bench.profiling import Profiler, dump_memory_snapshot, start_memory_history, steps_needed, stop_memory_history
 from bench.timing import StepTimer, reduce_max_across_ranks
+if TYPE_CHECKING:
+    from isp_core.peers import PeerTrainer
 from isp_core.data import DataSpec, MicroBatch, micro_batches
 from isp_core.engine import ISPSettings, ISPTrainer, build_isp_model
 from isp_core.model import LlamaConfig
@@ -48,7 +51,7 @@ class Cell:
     rank: int
     device: torch.device
     topo: ParallelTopology
-    trainer: ISPTrainer
+    trainer: ISPTrainer | PeerTrainer
     spec: DataSpec
 
 
@@ -86,10 +89,16 @@ def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device)
     cfg = LlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads, vocab=m.vocab,
                       mlp_hidden=m.mlp_hidden, checkpoint=m.checkpoint)
     spec = DataSpec(d.seq_len, d.global_batch, d.micro_num, d.packed, d.seed, m.vocab)
-    isp = build_isp_model(cfg, topo, ISPSettings(p.overlap, p.memory_pool), seed=d.seed,
-                          dtype=DTYPES[config.run.dtype], device=device)
-    trainer = ISPTrainer(isp, lr=config.run.lr)
-    print(topo, flush=True)
+    if p.strategy == "isp":
+        isp = build_isp_model(cfg, topo, ISPSettings(p.overlap, p.memory_pool), seed=d.seed,
+                              dtype=DTYPES[config.run.dtype], device=device)
+        trainer: ISPTrainer | PeerTrainer = ISPTrainer(isp, lr=config.run.lr)
+    else:  # PyTorch's FSDP2 / DDP / Ulysses+FSDP2 on the same model and tokens (docs/peers.md)
+        from isp_core.peers import build_trainer  # only peer cells need torch's FSDP2/DDP internals
+
+        trainer = build_trainer(p.strategy, cfg, topo, seed=d.seed, dtype=DTYPES[config.run.dtype],
+                                device=device, lr=config.run.lr)
+    print(f"strategy {p.strategy}; {topo}", flush=True)
     return Cell(config, cell_id, run_dir, topo.rank, device, topo, trainer, spec)
 
 
@@ -170,9 +179,16 @@ def profile(cell: Cell, first_step: int) -> Optional[dict[str, Any]]:
     if not settings.enabled:
         return None
     trace_root = cell.run_dir / "traces"
+    snapshot = settings.memory_snapshot and cell.device.type == "cuda" and start_memory_history()
     with Profiler(settings, cell.cell_id, cell.rank, trace_root=trace_root) as prof:
         run_steps(cell, first_step, steps_needed(settings), profiler=prof)
-    return {"traces": [str(p) for p in prof.trace_paths], "active_steps": settings.active}
+    out: dict[str, Any] = {"traces": [str(p) for p in prof.trace_paths], "active_steps": settings.active}
+    if snapshot:
+        # Loadable by PyTorch's memory_viz; covers the profiled steps only, like the traces.
+        path = dump_memory_snapshot(trace_root / cell.cell_id / f"rank{cell.rank}_memory.pickle")
+        stop_memory_history()
+        out["memory_snapshot"] = str(path)
+    return out
 
 
 def gather_per_rank(value: Any) -> list[Any]:
@@ -190,8 +206,11 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     per_rank = gather_per_rank({k: raw.get(k) for k in ("losses", "comm", "memory", "nvml", "profile")})
     if cell.rank != 0:
         return None
-    pool = cell.trainer.isp.communicator.memory_pool
-    return assemble_metrics(cell.config, raw, per_rank, pool.bytes_held()["total"] if pool else 0, device)
+    pool = cell.trainer.isp.communicator.memory_pool if isinstance(cell.trainer, ISPTrainer) else None
+    # After every rank is done measuring: the single-process reference never touches the timings.
+    reference = None if loss_check.skip_reason(config) else loss_check.reference_losses(config, device)
+    return assemble_metrics(cell.config, raw, per_rank, pool.bytes_held()["total"] if pool else 0, device,
+                            loss_reference=reference)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -216,6 +235,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = CellConfig.from_dict(json.loads(args.cell_config.read_text()))
         device = setup(config)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+        if config.run.kind == "collectives":  # nccl-tests-style sweep: docs/collectives.md
+            from bench.collectives_bench import run_collectives
+
+            return run_collectives(config, args.cell_config.parent.name, args.out, device)
         metrics = run_cell(config, args.cell_config.parent.name, args.out.parents[2], device)
         if rank == 0:
             write_json_atomic(args.out, {"metrics": metrics})

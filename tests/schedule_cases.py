@@ -124,7 +124,8 @@ def chunks_and_prerequisites(rank: int, world_size: int) -> dict:
             hook.before_backward(chunk_id)
             loss.backward()
             hook.after_backward()
-        grads.append(chunks[chunk_id].model.layers[1].feed_forward.w2.weight.grad.clone())
+        # plain lists: tensors sent through the result queue outlive their process badly
+        grads.append(chunks[chunk_id].model.layers[1].feed_forward.w2.weight.grad.tolist())
     blocks = [[id(b) for b in c.model.layers] for c in chunks]
     return {"seen": seen, "blocks": blocks, "events": len(comm.events), "grads": grads,
             "launches": [e for e in comm.events if e[0] == "launch"]}
@@ -141,5 +142,5 @@ def chunk_reference(rank: int, world_size: int) -> list:
         for mb in micro_batches(spec, 0, topo.dp, topo.dp_rank, 1, 0):
             logits = isp.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.labels.flatten()).backward()
-        out.append(isp.model.layers[1].feed_forward.w2.weight.grad.clone())
+        out.append(isp.model.layers[1].feed_forward.w2.weight.grad.tolist())
     return out

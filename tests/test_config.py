@@ -103,7 +103,7 @@ def test_cell_config_round_trip_and_derived_sizes() -> None:
         CellConfig(parallel=ParallelConfig(world_size=4, sp=3, wp=2))
     with pytest.raises(ConfigError, match="did you mean 'seq_len'"):
         CellConfig.from_dict({"data": {"seqlen": 4}})
-    assert issubclass(ConfigError, ValueError) and STRATEGIES == ("isp",)
+    assert issubclass(ConfigError, ValueError) and STRATEGIES == ("isp", "fsdp2", "ddp", "ulysses")
 
 
 # --- validation: one class of mistake each ---------------------------------------------------
@@ -117,7 +117,8 @@ def test_cell_config_round_trip_and_derived_sizes() -> None:
     ("run", {"dtype": "fp8"}, ("base.run.dtype", "allowed: 'float32', 'bfloat16', 'float16'")),
     ("run", {"timeout_s": 0}, ("base.run.timeout_s", "out of range", "> 0")),
     ("run", {"measure_steps": 0}, ("base.run.measure_steps", ">= 1")),
-    ("parallel", {"strategy": "fsdp2"}, ("base.parallel.strategy", "'fsdp2' is not allowed", "'isp'")),
+    ("parallel", {"strategy": "zero"}, ("base.parallel.strategy", "'zero' is not allowed",
+                                        "'isp', 'fsdp2', 'ddp', 'ulysses'")),
     ("parallel", {"overlap": 1}, ("base.parallel.overlap", "got int 1", "true or false")),
     ("parallel", {"sp": "all"}, ("base.parallel.sp", "or 'world'")),
     ("profile", {"ranks": [0, -1]}, ("base.profile.ranks", "'all' or a list of ints")),

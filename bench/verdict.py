@@ -28,6 +28,10 @@ class MetricSpec:
     # Changes smaller than this absolute amount never count: a 0.2 ms exposed-comm
     # wobble is 100% of a near-zero base but nothing anyone should chase.
     abs_floor: float = 0.0
+    # Without per-step samples a change has no statistical support. Deterministic metrics
+    # (peak memory) may still fail the gate on the threshold; noisy single figures from a
+    # couple of profiled steps (exposed comm, overlap) or a sampler (energy) are shown, not gated.
+    gate_without_samples: bool = True
 
     def __post_init__(self) -> None:
         if self.threshold_pct < 0:
@@ -52,9 +56,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("tokens_per_s", True, 5.0, "faster", "slower", "tok/s"),
     MetricSpec("peak_memory_bytes", False, 5.0, "less", "more", "bytes"),
     MetricSpec("mfu", True, 5.0, "better", "worse", ""),
-    MetricSpec("exposed_comm_s", False, 10.0, "better", "worse", "s", abs_floor=1e-3),
-    MetricSpec("overlap_pct", True, 10.0, "better", "worse", "%", abs_floor=1.0),
-    MetricSpec("energy_per_token_j", False, 5.0, "better", "worse", "J"),
+    MetricSpec("exposed_comm_s", False, 10.0, "better", "worse", "s", abs_floor=1e-3, gate_without_samples=False),
+    MetricSpec("overlap_pct", True, 10.0, "better", "worse", "%", abs_floor=1.0, gate_without_samples=False),
+    MetricSpec("energy_per_token_j", False, 5.0, "better", "worse", "J", gate_without_samples=False),
 )
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 
@@ -99,6 +103,8 @@ def judge(
     word = spec.worse if worse else spec.better
     if p is not None and p >= alpha:
         return Verdict(NO_CHANGE, False, False, ratio, p, f"not significant (p={p:.3g} >= {alpha:g})")
+    if p is None and not spec.gate_without_samples:
+        return Verdict(f"{word} (no samples, not gated)", False, False, ratio, None, "threshold only, not gated")
     if p is None:
         return Verdict(f"{word} (no samples)", worse, not worse, ratio, None, "threshold only")
     return Verdict(word, worse, not worse, ratio, p)

@@ -159,7 +159,10 @@ def test_records_helpers(tmp_path: Path) -> None:
 def test_judge_rule_edges() -> None:
     spec = METRICS_BY_NAME["exposed_comm_s"]
     assert judge(spec, 0.0, 0.0005, None, None, 0.05).word == "no change"  # under the absolute floor
-    assert judge(spec, 0.0, 0.05, None, None, 0.05).word == "worse (no samples)"
+    noisy = judge(spec, 0.0, 0.05, None, None, 0.05)  # trace-derived, no samples: shown, never gated
+    assert noisy.word == "worse (no samples, not gated)" and not noisy.regressed
+    memory = judge(METRICS_BY_NAME["peak_memory_bytes"], 1e9, 1.2e9, None, None, 0.05)
+    assert memory.word == "more (no samples)" and memory.regressed  # deterministic: the threshold gates
     time = METRICS_BY_NAME["step_time_s"]
     few = judge(time, 1.0, 1.5, [1.0, 1.0], [1.5, 1.5], 0.05)  # 2 vs 2 samples can never reach p < 0.05
     assert few.word == "no change" and not few.regressed

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from isp_core.attention import local_attention
@@ -127,6 +128,18 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def _checkpointed(block: nn.Module, index: int):
+    """The block, labelled in traces: reentrant checkpointing runs it without grad in forward
+    and again with grad (the recompute) right before its backward."""
+
+    def run(*args):
+        phase = "recompute" if torch.is_grad_enabled() else "forward_no_grad"
+        with record_function(f"isp.{phase}.block{index}"):
+            return block(*args)
+
+    return run
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, device: Optional[torch.device] = None) -> None:
         super().__init__()
@@ -143,7 +156,7 @@ class LlamaModel(nn.Module):
             if index < self.cfg.ckpt_blocks:
                 # Reentrant checkpointing recomputes a whole block right before its backward,
                 # the order ISP's recompute prefetch is built around.
-                h = checkpoint(block, h, positions, cu_seqlens, max_seqlen,
+                h = checkpoint(_checkpointed(block, index), h, positions, cu_seqlens, max_seqlen,
                                use_reentrant=True, preserve_rng_state=False)
             else:
                 h = block(h, positions, cu_seqlens, max_seqlen)

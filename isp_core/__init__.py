@@ -11,7 +11,8 @@ from isp_core.data import DataSpec, MicroBatch, micro_batches
 from isp_core.engine import ISPModel, ISPSettings, ISPTrainer, build_isp_model, build_reference_model
 from isp_core.head_embedding import (EmbeddingWeightParallelCommunicator, HeadWeightParallelCommunicator,
                                      ParallelEmbedding)
-from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook, ISPOverlapState
+from isp_core.isp_communicator import (ISPCommunicator, ISPCommunicatorSchedulerHook, ISPCommunicatorWrapper,
+                                       ISPOverlapState)
 from isp_core.linear import ParallelLinearWithCommExt, WeightParallelLinear, WPCommunicator
 from isp_core.loss import vocab_parallel_cross_entropy
 from isp_core.memory_pool import ISPCommModelConfig, MemoryPool
@@ -20,7 +21,7 @@ from isp_core.topology import CommGroup, ParallelTopology, group_layout
 
 __all__ = [
     "CommGroup", "CommStats", "DataSpec", "DistributedAttention", "EmbeddingWeightParallelCommunicator",
-    "HeadWeightParallelCommunicator", "ISPCommModelConfig", "ISPCommunicator", "ISPCommunicatorSchedulerHook",
+    "HeadWeightParallelCommunicator", "ISPCommModelConfig", "ISPCommunicator", "ISPCommunicatorSchedulerHook", "ISPCommunicatorWrapper",
     "ISPModel", "ISPOverlapState", "ISPSettings", "ISPTrainer", "LlamaConfig", "LlamaModel", "MemoryPool",
     "MicroBatch", "ParallelEmbedding", "ParallelLinearWithCommExt", "ParallelTopology", "Pending",
     "WPCommunicator", "WeightParallelLinear", "_SeqAllToAll", "all_gather", "all_reduce_", "all_to_all",

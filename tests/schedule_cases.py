@@ -144,3 +144,28 @@ def chunk_reference(rank: int, world_size: int) -> list:
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.labels.flatten()).backward()
         out.append(isp.model.layers[1].feed_forward.w2.weight.grad.tolist())
     return out
+
+
+def wrapper_case(rank: int, world_size: int) -> dict:
+    """ISPCommunicatorWrapper: prerequisites reach every communicator; handlers are visible and collected."""
+    from isp_core.isp_communicator import ISPCommunicatorWrapper
+
+    topo = ParallelTopology(world_size, sp=1, wp=world_size, rank=rank)
+    cfg = LlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64, mlp_hidden=48)
+    models = [build_isp_model(cfg, topo, ISPSettings(overlap=True, memory_pool=True), seed=s) for s in (0, 1)]
+    wrapper = ISPCommunicatorWrapper([m.communicator for m in models])
+    wrapper.register_prerequisite_for_forward_prefetch_hooks(lambda block: None)
+    spec = DataSpec(seq_len=16, global_batch=world_size, micro_num=1, vocab=64)
+    (mb,) = micro_batches(spec, 0, topo.dp, topo.dp_rank, 1, 0)
+    first = models[0]
+    first.scheduler.before_forward()
+    loss = torch.nn.functional.cross_entropy(first.model(mb.tokens, mb.positions, mb.cu_seqlens,
+                                                        mb.max_seqlen).flatten(0, 1), mb.labels.flatten())
+    first.scheduler.before_backward()
+    loss.backward()
+    pending = sorted(wrapper.reduce_scatter_handlers)
+    wrapper.collect_reduce_scatter()
+    wrapper.reset_lazy_pools()
+    return {"prerequisites": [len(m.communicator._forward_prefetch_prerequisites) for m in models],
+            "pending": pending, "after": len(wrapper.reduce_scatter_handlers),
+            "grad_set": first.model.layers[0].attention.wqkv.weight.grad.abs().sum().item() > 0}

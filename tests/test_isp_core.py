@@ -107,3 +107,10 @@ def test_model_chunks_and_forward_prefetch_prerequisites() -> None:
         assert len(result["launches"]) == 2 * (2 * 5 + 5 + 5)
         for g, w in zip(result["grads"], want[rank]):
             assert torch.allclose(torch.tensor(g), torch.tensor(w), rtol=1e-5, atol=1e-7)
+
+
+def test_communicator_wrapper() -> None:
+    result = run_ranks(2, schedule_cases.wrapper_case)[0]
+    assert result["prerequisites"] == [1, 1]
+    assert len(result["pending"]) == 2 * 5 and result["pending"][0] == "0.0.attention.wo.weight"
+    assert result["after"] == 0 and result["grad_set"]

@@ -48,6 +48,7 @@ class ISPOverlapState:
         self.index_to_isp_modules: dict[int, list[WeightParallelLinear]] = {}
         self.index_to_block: dict[int, nn.Module] = {}
         self.module_to_index: dict[nn.Module, int] = {}
+        self.position: dict[nn.Module, int] = {}  # index in isp_modules (execution order)
 
 
 def _blocks_of(chunk: nn.Module) -> nn.ModuleList:
@@ -109,6 +110,7 @@ class ISPCommunicator(WPCommunicator):
                 self._module_shapes.setdefault(name, child.full_shape)
                 self._has_bias = self._has_bias or child.bias is not None
                 state.module_to_index[child] = idx
+                state.position[child] = len(state.isp_modules)
                 state.isp_modules.append(child)
                 state.index_to_isp_modules[idx].append(child)
                 child.weight.isp_reduce_scatter_name = f"{cid}.{idx}.{name}.weight"
@@ -216,10 +218,9 @@ class ISPCommunicator(WPCommunicator):
 
     def _pre_backward_module(self, module: WeightParallelLinear, *_: Any) -> None:
         self._wait(module)
-        modules = self._state.isp_modules
-        position = modules.index(module)
+        position = self._state.position[module]
         if position > 0:
-            previous = modules[position - 1]
+            previous = self._state.isp_modules[position - 1]
             if previous.isp_block >= self._state.ckpt_block_num:
                 self._launch(previous)
 

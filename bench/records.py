@@ -204,3 +204,27 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# The tolerant reader, for a run still in progress or cut short: the runner (resume), the
+# summary and the roofline use it; compare and history use load_run, which names FILE:LINE.
+def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Every record in file order; a line cut short by a crash is skipped, not fatal."""
+    path = Path(run_dir) / "results.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "cell" in record:
+            records.append(record)
+    return records
+
+
+def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest record of each cell (a resumed cell's re-run wins), in first-run order."""
+    newest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        newest[record["cell"]] = record  # a dict keeps the first insertion's position
+    return list(newest.values())

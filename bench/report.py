@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from tabulate import tabulate
 
+from bench.records import flatten, latest, read_records  # noqa: F401 - read_records re-exported
+
 MISSING = "—"
 Record = dict[str, Any]
 
@@ -101,38 +103,6 @@ COLUMNS: list[Column] = [
 ]
 
 
-def read_records(run_dir: Path | str) -> list[Record]:
-    """Every record in file order; a line cut short by a crash is skipped, not fatal."""
-    path = Path(run_dir) / "results.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "cell" in record:
-            records.append(record)
-    return records
-
-
-def latest(records: list[Record]) -> list[Record]:
-    """The newest record of each cell (a resumed cell's re-run wins), in first-run order."""
-    newest: dict[str, Record] = {}
-    for record in records:
-        newest[record["cell"]] = record  # a dict keeps the first insertion's position
-    return list(newest.values())
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def baselines(records: list[Record], rule: dict[str, Any]) -> dict[str, Record | None]:
     """Each cell's baseline: the cell with the same swept values except `rule`'s keys, which
     take the rule's values. A cell that already has them is its own baseline."""
@@ -141,7 +111,7 @@ def baselines(records: list[Record], rule: dict[str, Any]) -> dict[str, Record |
     keys = sorted({k for r in records for k in r.get("swept", {})} | set(rule))
 
     def view(r: Record) -> tuple[Any, ...]:
-        flat = _flat(r.get("config") or {})
+        flat = flatten(r.get("config") or {})
         return tuple(r.get("swept", {}).get(k, flat.get(k)) for k in keys)
 
     by_view = {view(r): r for r in records}
@@ -195,7 +165,7 @@ def write_csv(run_dir: Path | str) -> Path:
     records = latest(read_records(run_dir))
     swept = list(dict.fromkeys(k for r in records for k in r.get("swept", {})))
     first = ["step_time_s.median", "step_time_s.p10", "step_time_s.p90", "tokens_per_s", "peak_memory_bytes"]
-    flats = [{k: v for k, v in _flat(r.get("metrics") or {}).items() if not isinstance(v, (list, dict))}
+    flats = [{k: v for k, v in flatten(r.get("metrics") or {}).items() if not isinstance(v, (list, dict))}
              for r in records]
     extra = [k for k in dict.fromkeys(k for f in flats for k in f) if k not in first]
     header = ["cell", "status", *swept, *first, *extra, "wall_s", "error"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import CellConfig
-from bench.report import latest, read_records
+from bench.records import latest, read_records
 
 # Better matches first: the very same rank partition, then groups of the same size in a job of
 # the same size, then the same group size only.

@@ -26,7 +26,7 @@ from bench import env_info, roofline
 from bench.collectives_spec import table_of
 from bench.launch import CellPaths, LaunchOptions, Outcome, launch
 from bench.matrix import BenchConfig, Cell
-from bench.report import read_records
+from bench.records import read_records
 
 SCHEMA_VERSION = 1
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_INTERRUPTED = 0, 1, 130

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -182,12 +181,3 @@ class ISPTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
-
-
-def mean_over_data_parallel(values: list[float], topo: ParallelTopology) -> list[float]:
-    """Per-step losses averaged over data-parallel replicas (not counted as ISP traffic)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if topo.world_size > 1 and dist.is_initialized():
-        dist.all_reduce(t)  # each sequence group holds sp identical copies of its loss
-        t /= topo.world_size
-    return t.tolist()

@@ -1,0 +1,161 @@
+"""A hardware file for this machine, from a collectives run and a profiled training run.
+
+links     every op of every ok collectives cell becomes a measured curve (bytes -> seconds per
+          call) for its group size; gpus_per_node is the cells' world size (one host).
+compute   from one profiled world-size-1 training cell (no communication in it): the trace's
+          top-level compute ops on the main thread are sorted into matmul (the linears and the
+          head), attention (SDPA), loss (cross-entropy), optimizer (inside Optimizer.step) and
+          elementwise (the rest). Each class's traced seconds per step, scaled by measured
+          median step / traced step (the profiler slows the step down), divide the work the
+          planner counts for that class (bench/plan/compute.py): the achieved rates.
+device    memory_gib from the host's RAM as env.json does not record it: /proc/meminfo when
+          readable; reserved_gib: the world-size-1 cell's peak minus the memory model's figure
+          without runtime (CPU peak RSS includes the interpreter, torch and its allocator).
+A CPU's rates were measured with all `cores` on one rank; compute.py shares them out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.plan.compute import LOSS_BWD, LOSS_FWD, OPTIMIZER_PASSES, Rates, Work
+from bench.plan.hardware import parse_hardware
+from bench.plan.memory import isp_memory
+from bench.plan.predict import ELEMENT_SIZE, attention_pairs, data_spec, llama
+from isp_core.comm_formula import _linear_shapes
+
+UNIT = Rates(1.0, 1.0, 1.0, 1.0, 1.0, "unit")
+CLASSES = ("matmul", "attention", "loss", "optimizer", "elementwise")
+
+
+def _class_of(name: str) -> str:
+    low = name.lower()
+    if "wplinearfn" in low or low in ("aten::linear", "aten::mm", "aten::matmul", "aten::addmm") \
+            or "mmbackward" in low or "linearbackward" in low:
+        return "matmul"
+    if "scaled_dot_product" in low or "scaleddotproduct" in low or "flash" in low:
+        return "attention"
+    if any(k in low for k in ("cross_entropy", "nllloss", "nll_loss", "logsoftmax", "log_softmax",
+                              "vocabparallelcrossentropy")):
+        return "loss"
+    return "elementwise"
+
+
+def traced_seconds(trace: dict[str, Any]) -> tuple[dict[str, float], float, int]:
+    """Seconds per class summed over the profiled steps, the steps' total length, their count."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    steps = [e for e in events if e["name"].startswith("ProfilerStep")]
+    if not steps:
+        raise ValueError("the trace has no ProfilerStep events")
+    main = steps[0]["tid"]
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in steps]
+    optim = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["name"].startswith("Optimizer.step")]
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op" and e["tid"] == main),
+                 key=lambda e: (e["ts"], -e["dur"]))
+    out = dict.fromkeys(CLASSES, 0.0)
+    end = -1.0
+    for e in ops:
+        if e["ts"] < end:
+            continue  # inside an op already counted: only top-level ops
+        end = e["ts"] + e["dur"]
+        if not any(s <= e["ts"] < t for s, t in windows):
+            continue
+        inside_optim = any(s <= e["ts"] < t for s, t in optim)
+        out["optimizer" if inside_optim else _class_of(e["name"])] += e["dur"] * 1e-6
+    return out, sum(t - s for s, t in windows) * 1e-6, len(steps)
+
+
+def work_per_step(config: Any) -> dict[str, float]:
+    """What the planner counts per step for each class (FLOPs or bytes), one rank, world size 1."""
+    cfg, spec, E = llama(config.model), data_spec(config), ELEMENT_SIZE[config.run.dtype]
+    tokens = spec.global_batch * spec.seq_len
+    ckpt, L = cfg.ckpt_blocks, cfg.layers
+    linear = L * sum(_linear_shapes(cfg)) + cfg.vocab * cfg.hidden
+    pairs = attention_pairs(spec, config.run.warmup_steps, config.run.measure_steps)
+    w = Work(tokens, E, cfg.hidden, cfg.mlp_hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, cfg.vocab, 0.0)
+    elementwise = (L + ckpt) * w.elementwise_s("forward", UNIT) + L * w.elementwise_s("backward", UNIT)
+    params = L * (sum(_linear_shapes(cfg)) + 2 * cfg.hidden) + 2 * cfg.vocab * cfg.hidden + cfg.hidden
+    return {"matmul": 6.0 * linear * tokens + 2.0 * ckpt * sum(_linear_shapes(cfg)) * tokens,
+            "attention": (12.0 * L + 4.0 * ckpt) * cfg.hidden * pairs,
+            "loss": (LOSS_FWD + LOSS_BWD) * tokens * cfg.vocab * 4,
+            "optimizer": OPTIMIZER_PASSES * params * E,
+            "elementwise": elementwise}
+
+
+def compute_rates(record: dict[str, Any], config: Any) -> dict[str, float]:
+    traces = (record.get("metrics") or {}).get("traces") or []
+    if not traces:
+        raise ValueError(f"cell {record.get('cell')}: no trace; run it with profile.enabled: true")
+    with gzip.open(traces[0], "rt") as f:
+        seconds, traced, steps = traced_seconds(json.load(f))
+    median = record["metrics"]["step_time_s"]["median"]
+    scale = median / (traced / steps)
+    work = work_per_step(config)
+    rate = {k: work[k] / max(seconds[k] / steps * scale, 1e-12) for k in CLASSES}
+    return {"matmul_tflops": rate["matmul"] / 1e12, "attention_tflops": rate["attention"] / 1e12,
+            "loss_gbps": rate["loss"] / 1e9, "optimizer_gbps": rate["optimizer"] / 1e9,
+            "elementwise_gbps": rate["elementwise"] / 1e9}
+
+
+def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for record in records:
+        doc = (record.get("metrics") or {}).get("collectives")
+        if record.get("status") != "ok" or not isinstance(doc, dict):
+            continue
+        size = len(doc["group_ranks"][0])
+        for op, table in doc["ops"].items():
+            rows = sorted((r["size_bytes"], r["time_us"] / 1e6) for r in table["rows"] if r["time_us"] > 0)
+            if rows and (op, size) not in best:
+                best[(op, size)] = {"op": op, "group_size": size, "world_size": doc["world_size"],
+                                    "sizes": [s for s, _ in rows], "times_s": [t for _, t in rows]}
+    return list(best.values())
+
+
+def _host_memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return 16.0
+
+
+def runtime_bytes(record: dict[str, Any], config: Any) -> float:
+    """Measured peak minus the model's peak without runtime, for a world-size-1 cell."""
+    cfg, spec, E = llama(config.model), data_spec(config), ELEMENT_SIZE[config.run.dtype]
+    p = config.parallel
+    tokens = spec.micro_bsz(1) * spec.seq_len
+    modelled = isp_memory(cfg, tokens, 1, 1, p.overlap, p.memory_pool, E, spec.micro_num, 0.0).peak_bytes
+    return max(0.0, record["metrics"]["peak_memory_bytes"] - modelled)
+
+
+def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The hardware document (a dict to dump as YAML). `configs`: cell id -> CellConfig."""
+    curves = curves_from(records)
+    profiled = [r for r in records if r.get("status") == "ok" and r["cell"] in configs
+                and configs[r["cell"]].parallel.world_size == 1 and (r.get("metrics") or {}).get("traces")]
+    if not profiled:
+        raise ValueError("no ok, profiled world-size-1 training cell in the run(s); the default config's "
+                         "ws1 cells are profiled")
+    if not curves:
+        raise ValueError("no ok collectives cell in the run(s); run configs/collectives-cpu.yaml")
+    # The cell without recompute is the cleanest to calibrate on.
+    record = min(profiled, key=lambda r: (configs[r["cell"]].model.checkpoint, r["cell"]))
+    config = configs[record["cell"]]
+    cores = int(env.get("cpu_count") or 1)
+    doc = {"name": f"calibrated-{env.get('hostname', 'host')}",
+           "device": {"name": env.get("gpu") or f"cpu ({cores} cores)", "memory_gib": round(_host_memory_gib(), 2),
+                      "reserved_gib": runtime_bytes(record, config) / 1024 ** 3, "margin": 0.1},
+           "compute": {"achieved": compute_rates(record, config)},
+           "links": {"gpus_per_node": max(c["world_size"] for c in curves),
+                     "curves": [{k: v for k, v in c.items() if k != "world_size"} for c in curves]},
+           "notes": {"calibrated_on": record["run"] + "/" + record["cell"]}}
+    if config.run.device == "cpu":
+        doc["device"]["cores"] = cores
+    parse_hardware(doc, "<calibration>")  # the document must load as any hardware file does
+    return doc

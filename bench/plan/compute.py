@@ -1,0 +1,90 @@
+"""Seconds of each piece of compute, from achieved rates (calibrated) or peak x efficiency.
+
+Work is counted per rank and per piece, in four currencies:
+  matmul     2 x tokens x in x out FLOPs per linear forward (x2 backward, x1 recompute)
+  attention  4 x causal pairs x head_dim x local heads FLOPs forward (x2 backward), the
+             same count as bench's model FLOPs (metrics.model_flops_per_step)
+  elementwise bytes a block's norms, rotary, residuals and SwiGLU read and write:
+             ELEMENTWISE_H x hidden + ELEMENTWISE_M x mlp_hidden + ELEMENTWISE_QKV x
+             (heads + 2 kv_heads) x head_dim elements per token forward (x2 backward)
+  loss       bytes of the cross-entropy over the logits: LOSS_FWD (LOSS_BWD) fp32 passes
+             over tokens x vocab elements
+  optimizer  bytes AdamW reads and writes: OPTIMIZER_PASSES x the rank's parameter elements
+The pass counts are rough; a calibrated rate absorbs their error in one constant per currency.
+
+On a CPU with `cores` cores shared by the ranks of one node, a rank's rate is the calibrated
+one (measured with all cores on one rank) x min(its threads, cores / ranks) / cores: the
+threads the launcher gives it (max(1, cores // ranks), bench/launch.py) and its share of cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.plan.hardware import Hardware
+
+ELEMENTWISE_H, ELEMENTWISE_M, ELEMENTWISE_QKV = 12, 5, 4
+LOSS_FWD, LOSS_BWD = 4, 3
+OPTIMIZER_PASSES = 8
+PHASE_FACTOR = {"forward": 1.0, "recompute": 1.0, "backward": 2.0}
+
+
+@dataclass(frozen=True)
+class Rates:
+    matmul_flops: float     # per second
+    attention_flops: float
+    elementwise_bytes: float
+    loss_bytes: float
+    optimizer_bytes: float
+    source: str
+
+
+def rates_for(hw: Hardware, dtype: str, ranks_per_node: int) -> Rates:
+    """A rank's rates on `hw` for `dtype`, `ranks_per_node` ranks sharing one node."""
+    if hw.achieved is not None:
+        a = hw.achieved
+        share = 1.0
+        if hw.cores:  # calibrated with every core on one rank
+            threads = max(1, hw.cores // ranks_per_node)
+            share = min(threads, hw.cores / ranks_per_node) / hw.cores
+        return Rates(a["matmul_tflops"] * 1e12 * share, a["attention_tflops"] * 1e12 * share,
+                     a["elementwise_gbps"] * 1e9 * share, a["loss_gbps"] * 1e9 * share,
+                     a["optimizer_gbps"] * 1e9 * share, f"{hw.name}: calibrated rates x core share {share:.2f}")
+    peak = hw.peak(dtype)
+    if peak is None:
+        raise ValueError(f"{hw.source}: compute.peak_tflops has no {dtype}; allowed here: "
+                         f"{', '.join(hw.peak_tflops)}")
+    mem = (hw.memory_gbps or 0.0) * hw.memory_efficiency * 1e9
+    return Rates(peak * hw.efficiency["matmul"] * 1e12, peak * hw.efficiency["attention"] * 1e12,
+                 mem, mem, mem, f"{hw.name}: peak {peak:g} TFLOP/s x efficiency")
+
+
+@dataclass(frozen=True)
+class Work:
+    """One rank's work per micro-step, split so the schedule can place each piece."""
+
+    tokens: int              # per rank per micro-step (after the sequence split)
+    element_size: int
+    hidden: int
+    mlp_hidden: int
+    qkv_width: int
+    vocab: int
+    attention_flops_fwd: float  # one block, this rank
+
+    def linear_s(self, numel_full: int, phase: str, r: Rates) -> float:
+        return 2.0 * self.tokens * numel_full * PHASE_FACTOR[phase] / r.matmul_flops
+
+    def attention_s(self, phase: str, r: Rates) -> float:
+        return self.attention_flops_fwd * PHASE_FACTOR[phase] / r.attention_flops
+
+    def elementwise_s(self, phase: str, r: Rates, share: float = 1.0) -> float:
+        per_token = ELEMENTWISE_H * self.hidden + ELEMENTWISE_M * self.mlp_hidden + ELEMENTWISE_QKV * self.qkv_width
+        return share * self.tokens * per_token * self.element_size * PHASE_FACTOR[phase] / r.elementwise_bytes
+
+    def loss_s(self, phase: str, r: Rates) -> float:
+        passes = LOSS_FWD if phase == "forward" else LOSS_BWD
+        return passes * self.tokens * self.vocab * 4 / r.loss_bytes
+
+    @staticmethod
+    def optimizer_s(param_elements: int, element_size: int, r: Rates) -> float:
+        return OPTIMIZER_PASSES * param_elements * element_size / r.optimizer_bytes

@@ -1,0 +1,154 @@
+"""One cell's prediction: memory by component, communication per group, the replayed step.
+
+Inputs are a cell's config (any world size, nothing is launched or probed), a Hardware, and
+optionally measured link curves and a runtime (fixed memory) figure. See docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.plan.compute import Work, rates_for
+from bench.plan.hardware import Hardware, MeasuredCurve
+from bench.plan.isp_schedule import Costs, IspKnobs
+from bench.plan.isp_schedule import build as build_isp
+from bench.plan.links import LinkModel, place
+from bench.plan.memory import MemoryPlan, isp_memory, peer_memory
+from bench.plan.peer_schedule import build as build_peer
+from bench.plan.replay import replay
+from isp_core.comm_formula import _linear_shapes
+from isp_core.data import DataSpec, global_batch
+from isp_core.model import LlamaConfig
+from isp_core.topology import group_layout
+
+ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+EXACT_TOKENS = 1 << 22  # below this many tokens per step the real document lengths are drawn
+
+
+@dataclass
+class Prediction:
+    cell: str
+    strategy: str
+    world_size: int
+    sp: int
+    wp: int
+    memory: MemoryPlan
+    capacity_bytes: float
+    comm: dict[str, dict[str, dict[str, Any]]]
+    step_time_s: float
+    compute_s: float
+    exposed_comm_s: float
+    comm_time_s: dict[str, float]
+    tokens_per_s: float
+    tflops_per_rank: float
+    mfu: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak_bytes <= self.capacity_bytes
+
+    @property
+    def margin_bytes(self) -> float:
+        return self.capacity_bytes - self.memory.peak_bytes
+
+
+def llama(model: Any) -> LlamaConfig:
+    return LlamaConfig(hidden=model.hidden, layers=model.layers, heads=model.heads, kv_heads=model.kv_heads,
+                       vocab=model.vocab, mlp_hidden=model.mlp_hidden, checkpoint=model.checkpoint)
+
+
+def data_spec(config: Any) -> DataSpec:
+    d = config.data
+    return DataSpec(d.seq_len, d.global_batch, d.micro_num, d.packed, d.seed, config.model.vocab)
+
+
+def attention_pairs(spec: DataSpec, first_step: int, steps: int) -> float:
+    """Causally attended (query, key) pairs per step, over the whole global batch."""
+    if not spec.packed:
+        return spec.global_batch * spec.seq_len * (spec.seq_len + 1) / 2
+    if spec.global_batch * spec.seq_len <= EXACT_TOKENS:
+        total = 0
+        for step in range(first_step, first_step + steps):
+            docs = global_batch(spec, step)[1]
+            total += sum(d * (d + 1) // 2 for seq in docs for d in seq)
+        return total / steps
+    # Too many tokens to draw: the same document-length rule (data.py) on a Python RNG.
+    rng, total, samples = random.Random(spec.seed), 0.0, 64
+    for _ in range(samples):
+        left, lo, hi = spec.seq_len, max(1, spec.seq_len // 8), max(2, spec.seq_len // 2)
+        while left > 0:
+            d = min(rng.randint(lo, hi), left)
+            total += d * (d + 1) / 2
+            left -= d
+    return total / samples * spec.global_batch
+
+
+def model_flops(cfg: LlamaConfig, tokens: int, pairs: float) -> float:
+    """bench's model FLOPs (metrics.model_flops_per_step): 6 N tokens + 12 layers hidden pairs."""
+    n = cfg.layers * sum(_linear_shapes(cfg)) + cfg.hidden * cfg.vocab
+    return 6.0 * n * tokens + 12.0 * cfg.layers * cfg.hidden * pairs
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    hardware: Hardware
+    curves: tuple[MeasuredCurve, ...] = ()
+    runtime_bytes: float | None = None  # None: the hardware file's reserved_gib
+    master_fp32: bool = False
+    knobs: IspKnobs = IspKnobs()
+
+
+def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
+    cfg, spec, p, r = llama(config.model), data_spec(config), config.parallel, config.run
+    hw, E = inputs.hardware, ELEMENT_SIZE[r.dtype]
+    world, sp, wp = p.world_size, p.sp, p.wp
+    gpu = r.device == "cuda"
+    ranks_per_node = min(world, hw.gpus_per_node)
+    rates = rates_for(hw, r.dtype, ranks_per_node)
+    layout = group_layout(world, sp, wp)
+    placements = {g: place(groups[0], hw.gpus_per_node) for g, groups in layout.items()}
+    links = LinkModel(hw, inputs.curves)
+    tokens = spec.micro_bsz(world // sp) * spec.seq_len // sp
+    pairs = attention_pairs(spec, r.warmup_steps, r.measure_steps)
+    pairs_per_micro_rank = pairs / ((world // sp) * spec.micro_num)
+    work = Work(tokens, E, cfg.hidden, cfg.mlp_hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, cfg.vocab,
+                4.0 * pairs_per_micro_rank * cfg.head_dim * cfg.heads / sp)
+    costs = Costs(work, rates, lambda kind, group, nbytes: links.time_s(kind, nbytes, placements[group]))
+    runtime = hw.reserved_bytes if inputs.runtime_bytes is None else inputs.runtime_bytes
+    total_elements = cfg.layers * (sum(_linear_shapes(cfg)) + 2 * cfg.hidden) + 2 * cfg.vocab * cfg.hidden + cfg.hidden
+    if p.strategy == "isp":
+        shard = (cfg.layers * sum(_linear_shapes(cfg)) + 2 * cfg.vocab * cfg.hidden) // wp \
+            + (2 * cfg.layers + 1) * cfg.hidden
+        sched = build_isp(cfg, spec, world, sp, wp, p.overlap, E, costs, host_sync=not gpu, knobs=inputs.knobs,
+                          shard_elements=shard)
+        memory = isp_memory(cfg, tokens, wp, sp, p.overlap, p.memory_pool, E, spec.micro_num, runtime,
+                            inputs.master_fp32)
+    else:
+        params = total_elements // world if p.strategy in ("fsdp2", "ulysses") else total_elements
+        sched = build_peer(p.strategy, cfg, spec, world, sp, E, costs, host_sync=not gpu, param_elements=params)
+        block = sum(_linear_shapes(cfg)) + 2 * cfg.hidden
+        memory = peer_memory(p.strategy, cfg, tokens, world, E, spec.micro_num, runtime, total_elements,
+                             2 * cfg.vocab * cfg.hidden + cfg.hidden, block, gpu, inputs.master_fp32)
+    timeline = replay(sched)
+    step = timeline.step_s
+    comm = {}
+    for group, kinds in sched.tally().items():
+        for kind, c in kinds.items():
+            where = placements.get(group)
+            seconds = sum(e - s for op, s, e in zip(timeline.ops, timeline.start, timeline.end)
+                          if op.group == group and op.kind == kind)
+            comm.setdefault(group, {})[kind] = {**c, "seconds": seconds, "group_size": where.size if where else None,
+                                                "link": links.source(kind, where) if where else "?"}
+    flops = model_flops(cfg, config.data.global_batch * spec.seq_len, pairs)
+    tflops = flops / step / world / 1e12 if step > 0 else 0.0
+    peak = r.peak_tflops or hw.peak(r.dtype)
+    capacity = hw.memory_bytes * (1.0 - hw.margin)
+    notes = [rates.source]
+    return Prediction(cell_id, p.strategy, world, sp, wp, memory, capacity, comm, step, timeline.compute_s(),
+                      timeline.exposed_comm_s(), timeline.comm_time_by_kind(),
+                      config.data.global_batch * spec.seq_len / step if step > 0 else 0.0, tflops,
+                      tflops / peak if peak else None, notes)
+

@@ -1,0 +1,62 @@
+"""Predict every ok training cell of finished runs and set the prediction against the measurement.
+
+Per cell: step time (median), exposed communication, communication time per kind (traced) and
+peak memory, each {"predicted", "measured", "error"} with error = predicted / measured - 1
+(None where the measurement is 0 or missing). Then the median absolute error per figure and
+Kendall's tau between predicted and measured step-time order (tau-b, scipy).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from scipy.stats import kendalltau
+
+from bench.plan.predict import PlanInputs, Prediction, predict
+
+
+def _figure(predicted: float | None, measured: Any) -> dict[str, float | None]:
+    m = float(measured) if isinstance(measured, (int, float)) else None
+    error = predicted / m - 1.0 if predicted is not None and m not in (None, 0.0) else None
+    return {"predicted": predicted, "measured": m, "error": error}
+
+
+def compare(cell: str, pred: Prediction, metrics: dict[str, Any]) -> dict[str, Any]:
+    measured_comm = metrics.get("comm_time_s") if isinstance(metrics.get("comm_time_s"), dict) else {}
+    kinds = sorted(set(pred.comm_time_s) | {k for k, v in measured_comm.items() if v})
+    return {"cell": cell, "strategy": pred.strategy, "world_size": pred.world_size, "sp": pred.sp, "wp": pred.wp,
+            "step_time_s": _figure(pred.step_time_s, (metrics.get("step_time_s") or {}).get("median")),
+            "exposed_comm_s": _figure(pred.exposed_comm_s, metrics.get("exposed_comm_s")),
+            "comm_time_s": {k: _figure(pred.comm_time_s.get(k, 0.0), measured_comm.get(k)) for k in kinds},
+            "peak_memory_bytes": _figure(pred.memory.peak_bytes, metrics.get("peak_memory_bytes"))}
+
+
+def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    def median_abs(key: str) -> float | None:
+        errors = [abs(c[key]["error"]) for c in cells if c[key]["error"] is not None]
+        return statistics.median(errors) if errors else None
+
+    comm_errors = [abs(f["error"]) for c in cells for f in c["comm_time_s"].values() if f["error"] is not None]
+    timed = [c for c in cells if c["step_time_s"]["measured"] is not None]
+    tau = None
+    if len(timed) >= 2:
+        tau = float(kendalltau([c["step_time_s"]["predicted"] for c in timed],
+                               [c["step_time_s"]["measured"] for c in timed]).statistic)
+    return {"cells": cells,
+            "median_abs_error": {"step_time_s": median_abs("step_time_s"),
+                                 "peak_memory_bytes": median_abs("peak_memory_bytes"),
+                                 "exposed_comm_s": median_abs("exposed_comm_s"),
+                                 "comm_time_s": statistics.median(comm_errors) if comm_errors else None},
+            "kendall_tau": tau}
+
+
+def validate(records: list[dict[str, Any]], configs: dict[str, Any], inputs: PlanInputs) -> dict[str, Any]:
+    """`configs`: cell id -> CellConfig of each record to predict (ok training cells)."""
+    cells = []
+    for record in records:
+        config = configs.get(record["cell"])
+        if config is None or record.get("status") != "ok":
+            continue
+        cells.append(compare(record["cell"], predict(record["cell"], config, inputs), record["metrics"]))
+    return summary(cells)

@@ -35,6 +35,7 @@ class MemoryPlan:
     components: dict[str, float]  # at the peak moment
     peak_bytes: float
     moment: str                   # "end of forward" or "end of backward"
+    moments: dict[str, dict[str, float]]  # both moments' components
 
 
 def _activations(cfg: LlamaConfig, T: int, E: int) -> float:
@@ -49,7 +50,10 @@ def _optimizer(shard_elements: float, E: int, master_fp32: bool) -> float:
 
 def _peak(forward: dict[str, float], backward: dict[str, float]) -> MemoryPlan:
     f, b = sum(forward.values()), sum(backward.values())
-    return MemoryPlan(forward, f, "end of forward") if f >= b else MemoryPlan(backward, b, "end of backward")
+    moments = {"end of forward": forward, "end of backward": backward}
+    if f >= b:
+        return MemoryPlan(forward, f, "end of forward", moments)
+    return MemoryPlan(backward, b, "end of backward", moments)
 
 
 def isp_memory(cfg: LlamaConfig, T: int, wp: int, sp: int, overlap: bool, memory_pool: bool, E: int,

@@ -1,0 +1,111 @@
+"""The event replay on hand-checkable schedules, and the ISP/peer schedules against the formulas."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.plan.compute import Rates, Work
+from bench.plan.isp_schedule import Costs, IspKnobs
+from bench.plan.isp_schedule import build as build_isp
+from bench.plan.peer_schedule import build as build_peer
+from bench.plan.replay import Schedule, replay
+from isp_core.data import DataSpec
+from isp_core.model import LlamaConfig
+
+
+def test_async_gather_hides_behind_compute():
+    s = Schedule(host_sync=False)
+    ag = s.comm("ag", "weight", "all_gather", 100, 2.0, sync=False)  # t 0..2
+    s.compute("a", 3.0)                                               # t 0..3
+    s.wait(ag)
+    s.compute("b", 1.0)                                               # t 3..4
+    t = replay(s)
+    assert t.step_s == 4.0 and t.exposed_comm_s() == 0.0 and t.comm_s() == 2.0 and t.compute_s() == 4.0
+
+
+def test_sync_collective_is_fully_exposed_and_delays_compute():
+    s = Schedule(host_sync=True)
+    s.compute("a", 1.0)                                               # 0..1
+    s.comm("a2a", "sequence", "all_to_all", 10, 0.5, sync=True, needs_compute=True)  # 1..1.5
+    s.compute("b", 2.0)                                               # 1.5..3.5
+    t = replay(s)
+    assert t.step_s == 3.5 and t.exposed_comm_s() == 0.5
+    assert t.comm_time_by_kind() == {"all_to_all": 0.5}
+
+
+def test_a_long_prefetch_is_exposed_by_what_it_overruns():
+    s = Schedule(host_sync=False)
+    ag = s.comm("ag", "weight", "all_gather", 1, 5.0, sync=False)     # 0..5
+    s.compute("a", 2.0)                                               # 0..2
+    s.wait(ag)
+    s.compute("b", 1.0)                                               # 5..6
+    t = replay(s)
+    assert t.step_s == 6.0 and t.exposed_comm_s() == 3.0
+
+
+def test_host_sync_delays_a_launch_until_the_host_gets_there():
+    for host_sync, expected in ((True, 3.0), (False, 2.0)):
+        s = Schedule(host_sync=host_sync)
+        s.compute("a", 1.0)                                           # 0..1
+        ag = s.comm("ag", "weight", "all_gather", 1, 2.0, sync=False)  # host: 1..3, GPU: 0..2
+        s.wait(ag)
+        s.compute("b", 0.0)
+        assert replay(s).step_s == expected
+
+
+def test_one_stream_runs_its_calls_in_issue_order():
+    s = Schedule(host_sync=False)
+    first = s.comm("rs1", "weight", "reduce_scatter", 1, 1.0, sync=False)
+    second = s.comm("rs2", "weight", "reduce_scatter", 1, 1.0, sync=False)
+    s.wait(first, second)
+    s.compute("end", 0.0)
+    t = replay(s)
+    assert (t.start[first], t.start[second], t.step_s) == (0.0, 1.0, 2.0)
+
+
+# ISP and peer schedules ---------------------------------------------------------------------------
+CFG = dict(hidden=64, layers=4, heads=4, kv_heads=2, vocab=512, mlp_hidden=176)
+RATES = Rates(1e9, 1e9, 1e9, 1e9, 1e9, "test")
+
+
+def _costs(comm_s: float) -> Costs:
+    cfg = LlamaConfig(**CFG)
+    work = Work(64, 4, cfg.hidden, cfg.mlp_hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, cfg.vocab, 1e6)
+    return Costs(work, RATES, lambda kind, group, nbytes: comm_s)
+
+
+@pytest.mark.parametrize("world,sp,wp", [(1, 1, 1), (2, 2, 2), (4, 2, 4), (4, 4, 2), (8, 2, 8), (8, 8, 1)])
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("checkpoint", [0.0, 0.5, 1.0])
+def test_isp_schedule_issues_exactly_the_formulas_communication(world, sp, wp, overlap, checkpoint):
+    # build() raises when the schedule's calls or bytes differ from isp_core.comm_formula.
+    cfg = LlamaConfig(**CFG, checkpoint=checkpoint)
+    spec = DataSpec(seq_len=128, global_batch=2 * world, micro_num=2)
+    sched = build_isp(cfg, spec, world, sp, wp, overlap, 4, _costs(1e-4), host_sync=True)
+    t = replay(sched)
+    assert t.step_s >= t.compute_s() > 0
+
+
+@pytest.mark.parametrize("strategy,world,sp", [("fsdp2", 4, 1), ("ddp", 4, 1), ("ulysses", 4, 4), ("ulysses", 4, 2),
+                                               ("fsdp2", 1, 1)])
+def test_peer_schedules_issue_exactly_the_formulas_communication(strategy, world, sp):
+    cfg = LlamaConfig(**CFG, checkpoint=0.5)
+    spec = DataSpec(seq_len=128, global_batch=2 * world, micro_num=2)
+    for host_sync in (True, False):
+        build_peer(strategy, cfg, spec, world, sp, 4, _costs(1e-4), host_sync=host_sync, param_elements=1000)
+
+
+def test_free_communication_leaves_only_compute_and_overlap_hides_gathers():
+    cfg = LlamaConfig(**CFG)
+    spec = DataSpec(seq_len=128, global_batch=8, micro_num=2)
+    free = replay(build_isp(cfg, spec, 4, 1, 4, True, 4, _costs(0.0), host_sync=False))
+    assert free.step_s == pytest.approx(free.compute_s()) and free.exposed_comm_s() == 0.0
+    # The same gathers, with and without prefetch: overlap must expose less of them.
+    on = replay(build_isp(cfg, spec, 4, 1, 4, True, 4, _costs(1e-5), host_sync=False))
+    off = replay(build_isp(cfg, spec, 4, 1, 4, False, 4, _costs(1e-5), host_sync=False))
+    assert on.exposed_comm_s() < off.exposed_comm_s() and on.step_s < off.step_s
+
+
+def test_unmodelled_variants_are_refused_not_guessed():
+    with pytest.raises(ValueError, match="wp_unit"):
+        IspKnobs(wp_unit="module").check()

@@ -131,7 +131,7 @@ def _calibrated(run_dirs: list[Path]) -> dict[str, Any]:
 def _calibrate(args: argparse.Namespace) -> int:
     doc = _calibrated(args.calibrate)
     text = "# Made by `run_bench.py plan --calibrate` (docs/plan.md); rates are this machine's, measured.\n" \
-        + yaml.safe_dump(doc, sort_keys=False)
+        + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -151,7 +151,7 @@ def _validate(args: argparse.Namespace) -> int:
         recs, _ = _records(run_dir)
         records += recs
         configs.update(_configs(recs))
-    result = validate(records, configs, PlanInputs(hw))
+    result = validate(records, configs, PlanInputs(hw), calibration=(hw.notes or {}).get("calibrated_on"))
     if args.format == "json":
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     else:
@@ -168,7 +168,7 @@ def _validation_table(result: dict[str, Any], fmt: str) -> str:
         err = "" if f["error"] is None else f" ({100 * f['error']:+.0f}%)"
         return f"{f['predicted'] * scale:.3g} / {f['measured'] * scale:.3g}{err}"
 
-    rows = [[c["cell"], cell(c["step_time_s"]), cell(c["exposed_comm_s"]), cell(c["peak_memory_bytes"], 2 ** -20)]
+    rows = [[c["cell"] + (" (calibration)" if c.get("calibration") else ""), cell(c["step_time_s"]), cell(c["exposed_comm_s"]), cell(c["peak_memory_bytes"], 2 ** -20)]
             for c in result["cells"]]
     med = result["median_abs_error"]
     table = tabulate(rows, ["cell", "step s pred / meas", "exposed comm s", "peak MiB"],

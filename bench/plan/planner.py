@@ -23,8 +23,9 @@ class Plan:
     skipped: list[tuple[str, str]]  # (cell, why)
 
     def ranking(self) -> list[Prediction]:
-        """Fitting layouts by step time, fastest first, then those that do not fit."""
-        return sorted(self.predictions, key=lambda p: (not p.fits, p.step_time_s))
+        """Fitting layouts by throughput (tokens/s; cells may differ in batch), best first, then
+        those that do not fit."""
+        return sorted(self.predictions, key=lambda p: (not p.fits, -p.tokens_per_s))
 
 
 def _ulysses_sp(world: int, heads: int, kv_heads: int) -> int:
@@ -57,7 +58,7 @@ def plan_cells(cells: list[tuple[str, Any]], inputs: PlanInputs, peers: bool = T
             if key in seen:
                 continue
             seen.add(key)
-            peer_id = f"{strategy}-ws{config.parallel.world_size}"
+            peer_id = f"{strategy}@{cell_id}"  # the peer on this cell's model, tokens and world
             try:
                 peer = _peer(config, strategy)
             except ValueError as exc:  # ConfigError is a ValueError: the peer's layout is invalid

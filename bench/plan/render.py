@@ -55,7 +55,7 @@ def render(plan: Plan, fmt: str, hardware_name: str) -> str:
         return json.dumps({"hardware": hardware_name, "ranking": [prediction_dict(p) for p in plan.ranking()],
                            "skipped": [{"cell": c, "why": w} for c, w in plan.skipped]}, indent=1)
     table_fmt = "github" if fmt == "md" else "simple"
-    out = [f"plan on {hardware_name} (fastest first; layouts that do not fit last):",
+    out = [f"plan on {hardware_name} (highest tokens/s first; layouts that do not fit last):",
            tabulate(_rows(plan), HEADERS, tablefmt=table_fmt)]
     out += [f"not planned: {c}: {w}" for c, w in plan.skipped]
     out += [_details(p, table_fmt) for p in plan.ranking()]

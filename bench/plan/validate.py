@@ -32,7 +32,10 @@ def compare(cell: str, pred: Prediction, metrics: dict[str, Any]) -> dict[str, A
             "peak_memory_bytes": _figure(pred.memory.peak_bytes, metrics.get("peak_memory_bytes"))}
 
 
-def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(all_cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians and tau over the cells not used for calibration (those would only fit themselves)."""
+    cells = [c for c in all_cells if not c.get("calibration")]
+
     def median_abs(key: str) -> float | None:
         errors = [abs(c[key]["error"]) for c in cells if c[key]["error"] is not None]
         return statistics.median(errors) if errors else None
@@ -43,7 +46,7 @@ def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     if len(timed) >= 2:
         tau = float(kendalltau([c["step_time_s"]["predicted"] for c in timed],
                                [c["step_time_s"]["measured"] for c in timed]).statistic)
-    return {"cells": cells,
+    return {"cells": all_cells,
             "median_abs_error": {"step_time_s": median_abs("step_time_s"),
                                  "peak_memory_bytes": median_abs("peak_memory_bytes"),
                                  "exposed_comm_s": median_abs("exposed_comm_s"),
@@ -51,12 +54,17 @@ def summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
             "kendall_tau": tau}
 
 
-def validate(records: list[dict[str, Any]], configs: dict[str, Any], inputs: PlanInputs) -> dict[str, Any]:
-    """`configs`: cell id -> CellConfig of each record to predict (ok training cells)."""
+def validate(records: list[dict[str, Any]], configs: dict[str, Any], inputs: PlanInputs,
+             calibration: str | None = None) -> dict[str, Any]:
+    """`configs`: cell id -> CellConfig of each record to predict (ok training cells);
+    `calibration`: "<run>/<cell>" the rates were measured on, flagged and left out of the medians."""
     cells = []
     for record in records:
         config = configs.get(record["cell"])
         if config is None or record.get("status") != "ok":
             continue
-        cells.append(compare(record["cell"], predict(record["cell"], config, inputs), record["metrics"]))
+        entry = compare(record["cell"], predict(record["cell"], config, inputs), record["metrics"])
+        entry["run"] = record.get("run")
+        entry["calibration"] = calibration == f"{record.get('run')}/{record['cell']}"
+        cells.append(entry)
     return summary(cells)

@@ -44,6 +44,7 @@ class Prediction:
     tokens_per_s: float
     tflops_per_rank: float
     mfu: float | None
+    tflops_internevo: float = 0.0  # the same step under InternEvo's FLOP count (internevo_flops)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -90,6 +91,18 @@ def model_flops(cfg: LlamaConfig, tokens: int, pairs: float) -> float:
     """bench's model FLOPs (metrics.model_flops_per_step): 6 N tokens + 12 layers hidden pairs."""
     n = cfg.layers * sum(_linear_shapes(cfg)) + cfg.hidden * cfg.vocab
     return 6.0 * n * tokens + 12.0 * cfg.layers * cfg.hidden * pairs
+
+
+def internevo_flops(cfg: LlamaConfig, global_batch: int, seq_len: int) -> float:
+    """FLOPs per step as InternEvo's `get_megatron_flops` counts them, to compare with its claims:
+    every attention pair of the full s x s square (no causal halving), q, k, v and o projections
+    as if every head had its own k and v (8 h^2 per token, GQA ignored), and with checkpointing
+    the recompute counted (factor 4 instead of 3)."""
+    factor = 4 if cfg.checkpoint > 0 else 3
+    # InternLM2 configs give mlp_ratio = mlp_hidden / hidden; SwiGLU multiplies it by 3/2.
+    mlp_term = 4 * 1.5 * cfg.mlp_hidden / cfg.hidden
+    b, s, h = global_batch, seq_len, cfg.hidden
+    return factor * ((8 + mlp_term) * b * s * h * h + 4 * b * s * s * h) * cfg.layers + 6 * b * s * h * cfg.vocab
 
 
 @dataclass(frozen=True)
@@ -147,8 +160,9 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     peak = r.peak_tflops or hw.peak(r.dtype)
     capacity = hw.memory_bytes * (1.0 - hw.margin)
     notes = [rates.source]
+    legacy = internevo_flops(cfg, config.data.global_batch, spec.seq_len) / step / world / 1e12 if step > 0 else 0.0
     return Prediction(cell_id, p.strategy, world, sp, wp, memory, capacity, comm, step, timeline.compute_s(),
                       timeline.exposed_comm_s(), timeline.comm_time_by_kind(),
                       config.data.global_batch * spec.seq_len / step if step > 0 else 0.0, tflops,
-                      tflops / peak if peak else None, notes)
+                      tflops / peak if peak else None, legacy, notes)
 

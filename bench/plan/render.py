@@ -17,7 +17,7 @@ def prediction_dict(p: Prediction) -> dict[str, Any]:
     return {"cell": p.cell, "strategy": p.strategy, "world_size": p.world_size, "sp": p.sp, "wp": p.wp,
             "step_time_s": p.step_time_s, "compute_s": p.compute_s, "exposed_comm_s": p.exposed_comm_s,
             "comm_time_s": p.comm_time_s, "tokens_per_s": p.tokens_per_s, "tflops_per_rank": p.tflops_per_rank,
-            "mfu": p.mfu, "peak_memory_bytes": p.memory.peak_bytes, "memory_moment": p.memory.moment,
+            "mfu": p.mfu, "tflops_per_rank_internevo_formula": p.tflops_internevo, "peak_memory_bytes": p.memory.peak_bytes, "memory_moment": p.memory.moment,
             "memory_bytes": p.memory.components, "capacity_bytes": p.capacity_bytes, "fits": p.fits,
             "margin_bytes": p.margin_bytes, "comm": p.comm, "notes": p.notes}
 

@@ -21,7 +21,7 @@ checkpointed block's recompute gathers again.
 
 The bytes of every call come from the model's shapes; `build` checks their sum per group and
 kind against isp_core.comm_formula.predicted_comm, the one source of truth, and fails on any
-difference. Knobs for variants not modelled yet (IspKnobs) keep today's defaults.
+difference. IspKnobs carries issue 12's variants with today's defaults.
 """
 
 from __future__ import annotations
@@ -37,26 +37,31 @@ from isp_core.model import LlamaConfig
 
 LINEAR_NAMES = ("wqkv", "wo", "w1", "w3", "w2")
 BACKWARD_ORDER = ("w2", "w3", "w1", "wo", "wqkv")  # autograd's order through SwiGLU and attention
+LAUNCH_POINTS = ("wqkv", "attn", "wo", "w1")
 
 
 @dataclass(frozen=True)
 class IspKnobs:
-    """ISP variants. Only today's defaults are modelled; the others are named so a planner
-    config can carry them once isp_core implements them."""
+    """ISP variants, named as isp_core.engine.ISPSettings names them (issue 12's knobs), with
+    today's defaults. Modelled: the defaults and every `launch_allgather_before` point; the
+    others are refused (ValueError) until their calls are in isp_core.comm_formula."""
 
-    wp_unit: str = "block"        # what one forward prefetch gathers: a block ("module": one linear)
-    head: str = "vocab_parallel"  # "gathered": logits all-gathered over the sequence group
-    forward_prefetch: int = 1     # blocks gathered ahead in forward
-    backward_prefetch: int = 1    # modules gathered ahead in backward
+    wp_unit: str = "module"                 # "block": one all-gather per block's weights
+    head: str = "vocab_parallel"            # "gathered": the head's weight gathered, loss on own tokens
+    forward_overlap_per: str = "layer"      # "module": prefetch the next linear, not the next block
+    launch_allgather_before: str = "wo"     # where a block launches the next block's gathers
 
     def check(self) -> None:
         problems = []
-        if self.wp_unit != "block":
-            problems.append(f"wp_unit={self.wp_unit!r} (modelled: 'block')")
-        if self.head not in ("vocab_parallel", "gathered"):
-            problems.append(f"head={self.head!r} (allowed: 'vocab_parallel', 'gathered')")
-        if (self.forward_prefetch, self.backward_prefetch) != (1, 1):
-            problems.append("prefetch depths other than 1 block forward / 1 module backward")
+        if self.wp_unit != "module":
+            problems.append(f"wp_unit={self.wp_unit!r} (modelled: 'module')")
+        if self.head != "vocab_parallel":
+            problems.append(f"head={self.head!r} (modelled: 'vocab_parallel')")
+        if self.forward_overlap_per != "layer":
+            problems.append(f"forward_overlap_per={self.forward_overlap_per!r} (modelled: 'layer')")
+        if self.launch_allgather_before not in LAUNCH_POINTS:
+            problems.append(f"launch_allgather_before={self.launch_allgather_before!r} "
+                            f"(allowed: {', '.join(LAUNCH_POINTS)})")
         if problems:
             raise ValueError("not modelled yet: " + "; ".join(problems))
 
@@ -132,24 +137,31 @@ class _IspStep:
         q_bytes = T * cfg.heads * cfg.head_dim * E
         kv_bytes = T * 2 * max(cfg.kv_heads, self.sp) * cfg.head_dim * E
         self.elementwise(i, phase, 0.25, "norm")
+        self._launch_point(i, phase, "wqkv")
         self._module_forward(i, "wqkv", phase)
         self.elementwise(i, phase, 0.25, "rotary")
         self.a2a(f"{phase}.{i}.q", q_bytes)
         self.a2a(f"{phase}.{i}.kv", kv_bytes)
+        self._launch_point(i, phase, "attn")
         self.s.compute(f"{phase}.{i}.attention", self.c.work.attention_s(phase, self.c.rates))
         self.a2a(f"{phase}.{i}.out", q_bytes)
-        if self.overlap and phase == "forward" and i + 1 < cfg.layers:
-            for name in LINEAR_NAMES:
-                self.launch(i + 1, name)
-        if self.overlap and phase == "recompute" and i - 1 >= 0:
-            for name in LINEAR_NAMES:
-                self.launch(i - 1, name)
+        self._launch_point(i, phase, "wo")
         self._module_forward(i, "wo", phase)
         self.elementwise(i, phase, 0.2, "ffn_norm")
+        self._launch_point(i, phase, "w1")
         self._module_forward(i, "w1", phase)
         self._module_forward(i, "w3", phase)
         self.elementwise(i, phase, 0.3, "swiglu")
         self._module_forward(i, "w2", phase)
+
+    def _launch_point(self, i: int, phase: str, here: str) -> None:
+        """Forward: the next block's gathers; recompute: the previous block's (it runs backwards)."""
+        if not self.overlap or here != self.knobs.launch_allgather_before:
+            return
+        target = i + 1 if phase == "forward" else i - 1
+        if 0 <= target < self.cfg.layers:
+            for name in LINEAR_NAMES:
+                self.launch(target, name)
 
     def _module_forward(self, i: int, name: str, phase: str) -> None:
         self.wait(i, name)
@@ -188,25 +200,23 @@ class _IspStep:
 
     # head, embedding, micro-step, step ----------------------------------------------------------
     def head(self, phase: str) -> None:
+        """The vocab-parallel head: logits all-to-all over the sequence group, loss with three
+        all-reduces (isp_core/loss.py); with sp = 1 a plain cross-entropy."""
         cfg, T, E, table = self.cfg, self.T, self.E, self.cfg.vocab * self.cfg.hidden
-        vocab_parallel = self.knobs.head == "vocab_parallel"
         head_s = 2.0 * T * table * (2.0 if phase == "backward" else 1.0) / self.c.rates.matmul_flops
         if phase == "forward":
             self.gather_sync("head", table)
             self.s.compute("forward.head", head_s)
-            if self.sp > 1 and vocab_parallel:
-                self.a2a("forward.logits", T * cfg.vocab * E)
-                for _ in range(3):  # max, target logit, sum of exponentials
-                    self.s.compute("forward.loss", self.c.work.loss_s("forward", self.c.rates) / 3)
-                    self._comm("ar.loss", "sequence", "all_reduce", self.sp * T * 4, True, True)
-            else:
-                if self.sp > 1:
-                    self._comm("ag.logits", "sequence", "all_gather", self.sp * T * cfg.vocab * E, True, True)
+            if self.sp == 1:
                 self.s.compute("forward.loss", self.c.work.loss_s("forward", self.c.rates))
+                return
+            self.a2a("forward.logits", T * cfg.vocab * E)
+            for _ in range(3):  # max, target logit, sum of exponentials
+                self.s.compute("forward.loss", self.c.work.loss_s("forward", self.c.rates) / 3)
+                self._comm("ar.loss", "sequence", "all_reduce", self.sp * T * 4, True, True)
             return
         self.s.compute("backward.loss", self.c.work.loss_s("backward", self.c.rates))
-        if self.sp > 1 and vocab_parallel:
-            self.a2a("backward.logits", T * cfg.vocab * E)
+        self.a2a("backward.logits", T * cfg.vocab * E)
         self.gather_sync("head.backward", table)
         self.s.compute("backward.head", head_s)
         self.scatter("head", table, sync=True)
@@ -258,8 +268,7 @@ def build(cfg: LlamaConfig, spec: DataSpec, world: int, sp: int, wp: int, overla
         sched.comm("ar.grad_sync.world", "world", "all_reduce", norms, costs.comm_s("all_reduce", "world", norms),
                    True, True)
     sched.compute("optimizer", Work.optimizer_s(shard_elements, element_size, costs.rates))
-    expected = predicted_comm(cfg, spec, world, sp, wp, overlap, element_size,
-                              retain_out_sharded=knobs.head == "vocab_parallel")
+    expected = predicted_comm(cfg, spec, world, sp, wp, overlap, element_size)
     if sched.tally() != expected:
         raise AssertionError(f"ISP schedule disagrees with isp_core.comm_formula: {sched.tally()} != {expected}")
     return sched

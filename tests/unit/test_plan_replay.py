@@ -108,4 +108,15 @@ def test_free_communication_leaves_only_compute_and_overlap_hides_gathers():
 
 def test_unmodelled_variants_are_refused_not_guessed():
     with pytest.raises(ValueError, match="wp_unit"):
-        IspKnobs(wp_unit="module").check()
+        IspKnobs(wp_unit="block").check()
+
+
+@pytest.mark.parametrize("point", ["wqkv", "attn", "wo", "w1"])
+def test_every_launch_point_keeps_the_calls_and_earlier_launches_hide_more(point):
+    cfg = LlamaConfig(**CFG)
+    spec = DataSpec(seq_len=128, global_batch=8, micro_num=2)
+    t = replay(build_isp(cfg, spec, 4, 2, 4, True, 4, _costs(2e-5), host_sync=False,
+                         knobs=IspKnobs(launch_allgather_before=point)))
+    late = replay(build_isp(cfg, spec, 4, 2, 4, True, 4, _costs(2e-5), host_sync=False,
+                            knobs=IspKnobs(launch_allgather_before="w1")))
+    assert t.exposed_comm_s() <= late.exposed_comm_s() + 1e-12

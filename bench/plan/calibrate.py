@@ -11,13 +11,17 @@ compute   from one profiled world-size-1 training cell (no communication in it):
 device    memory_gib from the host's RAM as env.json does not record it: /proc/meminfo when
           readable; reserved_gib: the world-size-1 cell's peak minus the memory model's figure
           without runtime (CPU peak RSS includes the interpreter, torch and its allocator).
-A CPU's rates were measured with all `cores` on one rank; compute.py shares them out.
+A CPU's rates were measured with all `cores` on one rank; compute.py shares them out, and
+thread_scaling (how much a rank's second thread helps) comes from a profiled world-size-2 ISP
+cell without overlap, when the runs have one: its traced compute per token (bench/overlap.py's
+compute intervals) against the world-size-1 cell's.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +106,28 @@ def compute_rates(record: dict[str, Any], config: Any) -> dict[str, float]:
             "elementwise_gbps": rate["elementwise"] / 1e9}
 
 
+def _compute_per_token(record: dict[str, Any], config: Any) -> float:
+    """Traced compute per step (bench/overlap.py's: top-level aten ops, collectives and copies
+    left out), averaged over ranks, per token a rank holds."""
+    per_rank = record["metrics"]["overlap"]["per_rank"]
+    compute = sum(r["compute_s"] for r in per_rank) / len(per_rank)
+    spec, p = data_spec(config), config.parallel
+    tokens = spec.micro_bsz(p.world_size // p.sp) * spec.seq_len // p.sp * spec.micro_num
+    return compute / tokens
+
+
+def thread_scaling(base: tuple[dict, Any], other: tuple[dict, Any], cores: int) -> float:
+    """The exponent a of compute.py's t^a: from the speed of a rank of `other` (t threads, r ranks)
+    relative to `base` (all cores, one rank), speed = t^a min(1, C/(r t)) / C^a."""
+    ranks = other[1].parallel.world_size
+    threads = max(1, cores // ranks)
+    if threads == cores:
+        return 1.0
+    speed = _compute_per_token(*base) / _compute_per_token(*other)
+    share = min(1.0, cores / (ranks * threads))
+    return min(1.0, max(0.0, math.log(speed / share) / math.log(threads / cores)))
+
+
 def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best: dict[tuple[str, int], dict[str, Any]] = {}
     for record in records:
@@ -115,6 +141,14 @@ def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 best[(op, size)] = {"op": op, "group_size": size, "world_size": doc["world_size"],
                                     "sizes": [s for s, _ in rows], "times_s": [t for _, t in rows]}
     return list(best.values())
+
+
+def _scaling_cell(config: Any, base: Any) -> bool:
+    """An ISP cell at world size 2, no overlap, the base's model and tokens: compute apart, it only
+    adds synchronous communication, which the trace's compute classes leave out."""
+    p = config.parallel
+    return (p.strategy == "isp" and p.world_size == 2 and not p.overlap and config.model == base.model
+            and config.data == base.data)
 
 
 def _host_memory_gib() -> float:
@@ -150,6 +184,9 @@ def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[
     record = min(profiled, key=lambda r: (configs[r["cell"]].model.checkpoint, r["cell"]))
     config = configs[record["cell"]]
     cores = int(env.get("cpu_count") or 1)
+    used = [f"{record['run']}/{record['cell']}"]
+    second = [r for r in records if r.get("status") == "ok" and r["cell"] in configs
+              and (r.get("metrics") or {}).get("overlap") and _scaling_cell(configs[r["cell"]], config)]
     doc = {"name": f"calibrated-{env.get('hostname', 'host')}",
            "device": {"name": env.get("gpu") or f"cpu ({cores} cores)", "memory_gib": round(_host_memory_gib(), 2),
                       "reserved_gib": runtime_bytes(record, config) / 1024 ** 3, "margin": 0.1},
@@ -158,8 +195,14 @@ def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[
            "links": {"gpus_per_node": max([c["world_size"] for c in curves]
                                           + [c.parallel.world_size for c in configs.values()]),
                      "curves": [{k: v for k, v in c.items() if k != "world_size"} for c in curves]},
-           "notes": {"calibrated_on": record["run"] + "/" + record["cell"]}}
+           }
     if config.run.device == "cpu":
         doc["device"]["cores"] = cores
+        doc["device"]["thread_scaling"] = 1.0
+        if second and cores > 1:
+            pick = min(second, key=lambda r: r["cell"])
+            doc["device"]["thread_scaling"] = thread_scaling((record, config), (pick, configs[pick["cell"]]), cores)
+            used.append(f"{pick['run']}/{pick['cell']}")
+    doc["notes"] = {"calibrated_on": used}
     parse_hardware(doc, "<calibration>")  # the document must load as any hardware file does
     return doc

@@ -12,9 +12,11 @@ Work is counted per rank and per piece, in four currencies:
   optimizer  bytes AdamW reads and writes: OPTIMIZER_PASSES x the rank's parameter elements
 The pass counts are rough; a calibrated rate absorbs their error in one constant per currency.
 
-On a CPU with `cores` cores shared by the ranks of one node, a rank's rate is the calibrated
-one (measured with all cores on one rank) x min(its threads, cores / ranks) / cores: the
-threads the launcher gives it (max(1, cores // ranks), bench/launch.py) and its share of cores.
+On a CPU with C `cores` shared by the r ranks of one node, each rank runs t = max(1, C // r)
+threads (bench/launch.py). Its speed is t^a (a = `thread_scaling`: 1 when threads add linearly,
+0 when a second thread buys nothing, as small matmuls on a loaded host show) times its share of
+the cores when the node is oversubscribed, min(1, C / (r t)); the calibrated rates were
+measured at t = C on one rank, so they are scaled by that speed over C^a.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def rates_for(hw: Hardware, dtype: str, ranks_per_node: int) -> Rates:
         share = 1.0
         if hw.cores:  # calibrated with every core on one rank
             threads = max(1, hw.cores // ranks_per_node)
-            share = min(threads, hw.cores / ranks_per_node) / hw.cores
+            speed = threads ** hw.thread_scaling * min(1.0, hw.cores / (ranks_per_node * threads))
+            share = speed / hw.cores ** hw.thread_scaling
         return Rates(a["matmul_tflops"] * 1e12 * share, a["attention_tflops"] * 1e12 * share,
                      a["elementwise_gbps"] * 1e9 * share, a["loss_gbps"] * 1e9 * share,
                      a["optimizer_gbps"] * 1e9 * share, f"{hw.name}: calibrated rates x core share {share:.2f}")

@@ -3,7 +3,8 @@
 A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with three sections:
 
     device:   name, memory_gib, reserved_gib (runtime: CUDA context, NCCL, allocator slack,
-              or on CPU the interpreter and torch), margin (fraction kept free), cores (CPU only)
+              or on CPU the interpreter and torch), margin (fraction kept free), cores and
+              thread_scaling (CPU only: see compute.py)
     compute:  either peak_tflops {dtype: TFLOP/s} + efficiency {matmul, attention} +
               memory_gbps + memory_efficiency (a datasheet), or achieved {matmul_tflops,
               attention_tflops, elementwise_gbps, loss_gbps, optimizer_gbps} (calibrated)
@@ -64,6 +65,7 @@ class Hardware:
     reserved_bytes: float
     margin: float
     cores: int | None
+    thread_scaling: float
     peak_tflops: dict[str, float]
     efficiency: dict[str, float]
     memory_gbps: float | None
@@ -159,7 +161,8 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     for key in doc:
         if key not in ("name", "device", "compute", "links", "notes"):
             out.add(key, "unknown key; allowed keys: name, device, compute, links, notes")
-    dev = _section(doc, "device", out, ("name", "memory_gib", "reserved_gib", "margin", "cores"))
+    dev = _section(doc, "device", out, ("name", "memory_gib", "reserved_gib", "margin", "cores",
+                                                  "thread_scaling"))
     comp = _section(doc, "compute", out, ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency",
                                           "achieved"))
     links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves"))
@@ -170,6 +173,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     if cores is not None and (not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
         out.add("device.cores", f"got {cores!r}; allowed: an int >= 1 (CPU devices), or leave it out")
         cores = None
+    scaling = _number(dev, "thread_scaling", "device", out, required=False, hi=1.0)
     achieved = _achieved(comp, out)
     peak, eff, mem_gbps, mem_eff = _datasheet(comp, out, required=achieved is None)
     gpn = links.get("gpus_per_node", 1)
@@ -183,7 +187,8 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     if out.lines:
         raise HardwareError("\n".join(out.lines))
     gib = 1024 ** 3
-    return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores, peak, eff,
+    return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores,
+                    1.0 if scaling is None else scaling, peak, eff,
                     mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, source=path,
                     notes=doc.get("notes") or {})
 

@@ -55,9 +55,9 @@ def summary(all_cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def validate(records: list[dict[str, Any]], configs: dict[str, Any], inputs: PlanInputs,
-             calibration: str | None = None) -> dict[str, Any]:
+             calibration: list[str] | None = None) -> dict[str, Any]:
     """`configs`: cell id -> CellConfig of each record to predict (ok training cells);
-    `calibration`: "<run>/<cell>" the rates were measured on, flagged and left out of the medians."""
+    `calibration`: the "<run>/<cell>" the calibration used, flagged and left out of the medians."""
     cells = []
     for record in records:
         config = configs.get(record["cell"])
@@ -65,6 +65,6 @@ def validate(records: list[dict[str, Any]], configs: dict[str, Any], inputs: Pla
             continue
         entry = compare(record["cell"], predict(record["cell"], config, inputs), record["metrics"])
         entry["run"] = record.get("run")
-        entry["calibration"] = calibration == f"{record.get('run')}/{record['cell']}"
+        entry["calibration"] = f"{record.get('run')}/{record['cell']}" in (calibration or [])
         cells.append(entry)
     return summary(cells)

@@ -68,3 +68,21 @@ def test_plans_a_7b_model_on_1024_gpus_and_marks_what_does_not_fit(capsys):
     too_big = ["--set", "data.seq_len=262144", "--set", "model.checkpoint=0.0", "--set", "data.global_batch=128"]
     assert main(args + [a for s in sets for a in ("--set", s)] + too_big) == 0
     assert not any(c["fits"] for c in json.loads(capsys.readouterr().out)["ranking"])
+
+
+def test_plan_starts_no_process_and_never_asks_for_devices(monkeypatch, capsys):
+    import subprocess
+
+    import torch
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("plan must not probe devices or start processes")
+
+    for target, name in ((torch.cuda, "is_available"), (torch.cuda, "device_count"),
+                         (torch.cuda, "get_device_name"), (subprocess, "Popen")):
+        monkeypatch.setattr(target, name, forbidden)
+    args = ["--world", "64", "--no-peers", "--format", "json", "--set", "run.device=cuda", "--set", "run.backend=nccl",
+            "--set", "run.dtype=bfloat16", "--set", "data.global_batch=64", "--set", "parallel.sp=8",
+            "--set", "parallel.wp=8", "--set", "model.heads=8", "--set", "model.kv_heads=4"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["ranking"]

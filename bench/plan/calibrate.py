@@ -14,7 +14,8 @@ device    memory_gib from the host's RAM as env.json does not record it: /proc/m
 A CPU's rates were measured with all `cores` on one rank; compute.py shares them out, and
 thread_scaling (how much a rank's second thread helps) comes from a profiled world-size-2 ISP
 cell without overlap, when the runs have one: its traced compute per token (bench/overlap.py's
-compute intervals) against the world-size-1 cell's.
+compute intervals) against the world-size-1 cell's. The same cell gives links.call_overhead_us:
+its measured step minus the predicted one, per collective call (every call there is blocking).
 """
 
 from __future__ import annotations
@@ -128,19 +129,48 @@ def thread_scaling(base: tuple[dict, Any], other: tuple[dict, Any], cores: int) 
     return min(1.0, max(0.0, math.log(speed / share) / math.log(threads / cores)))
 
 
+def _smooth(times: list[float]) -> list[float]:
+    """Median of each size's mean and its neighbours': one disturbed size on a shared host does
+    not make a bump in the curve, and the level stays the mean's (what a step pays)."""
+    if len(times) < 3:
+        return list(times)
+    inner = [sorted(times[i - 1:i + 2])[1] for i in range(1, len(times) - 1)]
+    return [min(times[:2]), *inner, sorted(times[-2:])[0]]
+
+
 def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One curve per (op, group size): the measured mean per call, smoothed, less one barrier.
+    The collectives timer puts a world barrier in every CPU sample (bench/timing.py); a barrier
+    costs about a smallest all-reduce, so half the cell's smallest all-reduce time (a barrier plus
+    an all-reduce) comes off every point, never below a tenth of it. Training calls have no barrier."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
     for record in records:
         doc = (record.get("metrics") or {}).get("collectives")
         if record.get("status") != "ok" or not isinstance(doc, dict):
             continue
         size = len(doc["group_ranks"][0])
-        for op, table in doc["ops"].items():
-            rows = sorted((r["size_bytes"], r["time_us"] / 1e6) for r in table["rows"] if r["time_us"] > 0)
+        tables = {op: sorted((r["size_bytes"], r["time_us"] / 1e6) for r in t["rows"] if r["time_us"] > 0)
+                  for op, t in doc["ops"].items()}
+        ar = _smooth([t for _, t in tables.get("all_reduce", [])])
+        barrier = ar[0] / 2 if ar and doc["device"] == "cpu" else 0.0
+        for op, rows in tables.items():
             if rows and (op, size) not in best:
+                times = [max(t - barrier, 0.1 * t) for t in _smooth([t for _, t in rows])]
                 best[(op, size)] = {"op": op, "group_size": size, "world_size": doc["world_size"],
-                                    "sizes": [s for s, _ in rows], "times_s": [t for _, t in rows]}
+                                    "sizes": [x for x, _ in rows], "times_s": times, "barrier_s": barrier}
     return list(best.values())
+
+
+def call_overhead_s(doc: dict[str, Any], record: dict[str, Any], config: Any) -> float:
+    """What each collective call of a synchronous training step costs beyond its link time:
+    the measured median step minus the step the model predicts without it, per call. On a
+    shared CPU that is the Python around each call and the wait for the slower rank."""
+    from bench.plan.predict import PlanInputs, predict
+
+    pred = predict(record["cell"], config, PlanInputs(parse_hardware(doc, "<calibration>")))
+    calls = sum(c["calls"] for kinds in pred.comm.values() for c in kinds.values())
+    gap = record["metrics"]["step_time_s"]["median"] - pred.step_time_s
+    return max(0.0, gap / calls) if calls else 0.0
 
 
 def _scaling_cell(config: Any, base: Any) -> bool:
@@ -194,7 +224,7 @@ def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[
            # One host: every rank of every cell shares its node.
            "links": {"gpus_per_node": max([c["world_size"] for c in curves]
                                           + [c.parallel.world_size for c in configs.values()]),
-                     "curves": [{k: v for k, v in c.items() if k != "world_size"} for c in curves]},
+                     "curves": [{k: v for k, v in c.items() if k not in ("world_size", "barrier_s")} for c in curves]},
            }
     if config.run.device == "cpu":
         doc["device"]["cores"] = cores
@@ -203,6 +233,8 @@ def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[
             pick = min(second, key=lambda r: r["cell"])
             doc["device"]["thread_scaling"] = thread_scaling((record, config), (pick, configs[pick["cell"]]), cores)
             used.append(f"{pick['run']}/{pick['cell']}")
-    doc["notes"] = {"calibrated_on": used}
+            doc["links"]["call_overhead_us"] = call_overhead_s(doc, pick, configs[pick["cell"]]) * 1e6
+    doc["notes"] = {"calibrated_on": used, "barrier_s": {f"{c['op']} x{c['group_size']}": c["barrier_s"]
+                                                         for c in curves}}
     parse_hardware(doc, "<calibration>")  # the document must load as any hardware file does
     return doc

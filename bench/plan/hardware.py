@@ -9,7 +9,9 @@ A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with three secti
               memory_gbps + memory_efficiency (a datasheet), or achieved {matmul_tflops,
               attention_tflops, elementwise_gbps, loss_gbps, optimizer_gbps} (calibrated)
     links:    gpus_per_node, intra {busbw_gbps, latency_us}, inter {busbw_gbps, latency_us},
-              and optionally curves: measured [{op, group_size, sizes, times_s}] per op
+              optionally curves: measured [{op, group_size, sizes, times_s}] per op, and
+              call_overhead_us: host time and rank skew every collective call of a training
+              step pays beyond the link (calibrated on CPU; 0 by default)
 
 Every problem is reported with the file, the key and what is allowed (exit 2 in the CLI).
 """
@@ -75,6 +77,7 @@ class Hardware:
     intra: Link | None
     inter: Link | None
     curves: tuple[MeasuredCurve, ...] = ()
+    call_overhead_s: float = 0.0
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -165,7 +168,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
                                                   "thread_scaling"))
     comp = _section(doc, "compute", out, ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency",
                                           "achieved"))
-    links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves"))
+    links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves", "call_overhead_us"))
     memory = _number(dev, "memory_gib", "device", out)
     reserved = _number(dev, "reserved_gib", "device", out, required=False) or 0.0
     margin = _number(dev, "margin", "device", out, required=False, hi=0.9) or 0.0
@@ -182,6 +185,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
         gpn = 1
     intra, inter = _link(links, "intra", out), _link(links, "inter", out)
     curves = _curves(links.get("curves"), out)
+    overhead = _number(links, "call_overhead_us", "links", out, required=False) or 0.0
     if intra is None and not curves and not out.lines:
         out.add("links", "needs intra {busbw_gbps, latency_us} (and inter for multi-node) or measured curves")
     if out.lines:
@@ -189,7 +193,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     gib = 1024 ** 3
     return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores,
                     1.0 if scaling is None else scaling, peak, eff,
-                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, source=path,
+                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, overhead * 1e-6, source=path,
                     notes=doc.get("notes") or {})
 
 

@@ -73,6 +73,7 @@ class Costs:
     work: Work
     rates: Rates
     comm_s: Callable[[str, str, float], float]  # (kind, group, nbytes) -> seconds
+    call_overhead_s: float = 0.0                 # host time per collective call
 
 
 class _IspStep:
@@ -253,7 +254,7 @@ def build(cfg: LlamaConfig, spec: DataSpec, world: int, sp: int, wp: int, overla
     """The whole step's operations; `shard_elements`: this rank's parameters, for AdamW."""
     knobs.check()
     tokens = spec.micro_bsz(world // sp) * spec.seq_len // sp
-    sched = Schedule(host_sync=host_sync)
+    sched = Schedule(host_sync=host_sync, call_overhead_s=costs.call_overhead_s)
     step = _IspStep(cfg, world, sp, wp, overlap, element_size, tokens, costs, sched, knobs)
     for _ in range(spec.micro_num):
         step.micro_step()

@@ -61,9 +61,7 @@ class LinkModel:
         if where.size == 1 or nbytes <= 0:
             return 0.0
         curve = self._curve(kind, where.size)
-        if curve is not None:
-            return curve.time_s(nbytes)
-        return self._alpha_beta(kind, nbytes, where)
+        return curve.time_s(nbytes) if curve is not None else self._alpha_beta(kind, nbytes, where)
 
     def _alpha_beta(self, kind: str, nbytes: float, where: Placement) -> float:
         n, hw = where.size, self.hw

@@ -147,7 +147,7 @@ class _PeerStep:
 def build(strategy: str, cfg: LlamaConfig, spec: DataSpec, world: int, sp: int, element_size: int, costs: Costs,
           host_sync: bool, param_elements: int) -> Schedule:
     tokens = spec.micro_bsz(world // sp) * spec.seq_len // sp
-    sched = Schedule(host_sync=host_sync)
+    sched = Schedule(host_sync=host_sync, call_overhead_s=costs.call_overhead_s)
     step = _PeerStep(strategy, cfg, world, sp, element_size, tokens, costs, sched)
     for micro in range(spec.micro_num):
         step.micro_step(last=micro == spec.micro_num - 1)

@@ -27,6 +27,7 @@ class Op:
     kind: str | None = None    # collective kind, None for compute
     group: str | None = None   # process group name
     nbytes: int = 0            # nccl-tests' convention (isp_core/comm_stats.py)
+    host: bool = False         # host time around a call (Python, copies): on the compute stream, not compute
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Timeline:
 
     def intervals(self, compute: bool) -> list[tuple[float, float]]:
         return [(s, e) for op, s, e in zip(self.ops, self.start, self.end)
-                if (op.stream == COMPUTE) == compute and e > s]
+                if not op.host and (op.stream == COMPUTE) == compute and e > s]
 
     def compute_s(self) -> float:
         return _length(_union(self.intervals(True)))
@@ -72,6 +73,7 @@ class Schedule:
     """
 
     host_sync: bool = True
+    call_overhead_s: float = 0.0  # host time before each collective call (Hardware.call_overhead_s)
     ops: list[Op] = field(default_factory=list)
     _waits: list[int] = field(default_factory=list)   # comm the next compute must wait for
     last_compute: int | None = None
@@ -88,6 +90,10 @@ class Schedule:
         """A collective on `group`'s stream. `needs_compute`: its input is the last compute's
         output (a gradient, activations), so it cannot start before that compute ends."""
         deps = tuple(deps)
+        if self.call_overhead_s > 0:  # the host's own work comes first, once it is free
+            hdeps = tuple(self._waits) if self.host_sync else ()
+            self.ops.append(Op(f"host.{name}", COMPUTE, self.call_overhead_s, hdeps, host=True))
+            self.last_compute = len(self.ops) - 1
         if self.last_compute is not None and (needs_compute or self.host_sync):
             deps += (self.last_compute,)
         if self.host_sync:  # a blocked host issues nothing until its synchronous calls return

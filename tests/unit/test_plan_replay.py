@@ -120,3 +120,12 @@ def test_every_launch_point_keeps_the_calls_and_earlier_launches_hide_more(point
     late = replay(build_isp(cfg, spec, 4, 2, 4, True, 4, _costs(2e-5), host_sync=False,
                             knobs=IspKnobs(launch_allgather_before="w1")))
     assert t.exposed_comm_s() <= late.exposed_comm_s() + 1e-12
+
+
+def test_host_time_per_call_delays_the_step_but_is_neither_compute_nor_communication():
+    s = Schedule(host_sync=True, call_overhead_s=0.25)
+    s.compute("a", 1.0)                                                              # 0..1
+    s.comm("a2a", "sequence", "all_to_all", 1, 0.5, sync=True, needs_compute=True)  # host 1..1.25, a2a ..1.75
+    s.compute("b", 1.0)                                                              # 1.75..2.75
+    t = replay(s)
+    assert t.step_s == 2.75 and t.compute_s() == 2.0 and t.exposed_comm_s() == 0.5

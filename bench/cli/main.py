@@ -24,7 +24,7 @@ from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions
 from bench.config.matrix import BenchConfig, Cell, load_config
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
-SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history"}
+SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history", "plan": "bench.cli.plan"}
 WORKER_ENV = "ISP_BENCH_WORKER"  # module run by torchrun per cell; tests point it at a stand-in
 
 
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_bench.py",
         description="Run an ISP Bench sweep: one torchrun job per cell of a YAML matrix. "
-                    "Also: run_bench.py compare ..., run_bench.py history ...",
+                    "Also: run_bench.py compare ..., history ..., plan ... (docs/plan.md)",
         epilog="Keys are documented in docs/config.md. Exit: 0 ok, 1 a cell failed, 2 config error, 130 interrupted.")
     p.add_argument("config", nargs="?", type=Path, help="YAML sweep (default: the embedded bench/default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

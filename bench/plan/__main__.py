@@ -1,5 +1,5 @@
 """`python -m bench.plan ...`, the same as `run_bench.py plan ...`."""
 
-from bench.plan.cli import main
+from bench.cli.plan import main
 
 raise SystemExit(main())

@@ -46,7 +46,7 @@ def records(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 def training_configs(recs: list[dict[str, Any]]) -> dict[str, Any]:
     """cell id -> CellConfig of every ok training record."""
-    from bench.config.schema import CellConfig
+    from bench.config.cell import CellConfig
 
     out = {}
     for r in recs:

@@ -1,6 +1,6 @@
 """The operations of one training step of the peers (FSDP2, DDP, Ulysses + FSDP2).
 
-FSDP2 (docs/peers.md, isp_core/peer_formula.py): one parameter group per block and the root.
+FSDP2 (docs/peers.md, bench/strategies/peer_formula.py): one parameter group per block and the root.
   forward   the root's all-gather, then each block's; on a GPU the host runs ahead, so block
             i+1's gather is in flight during block i (FSDP2's implicit prefetch); on a CPU the
             host gathers each block when it reaches it (no overlap)
@@ -24,7 +24,7 @@ from bench.plan.replay import Schedule
 from isp_core.comm_formula import _linear_shapes
 from isp_core.data import DataSpec
 from isp_core.model import LlamaConfig, LlamaModel
-from isp_core.peer_formula import (BUCKET_CAP_BYTES, FIRST_BUCKET_BYTES, ddp_buckets, padded_numel,
+from bench.strategies.peer_formula import (BUCKET_CAP_BYTES, FIRST_BUCKET_BYTES, ddp_buckets, padded_numel,
                                    parameter_groups, predicted_peer_comm)
 
 
@@ -154,5 +154,5 @@ def build(strategy: str, cfg: LlamaConfig, spec: DataSpec, world: int, sp: int, 
     sched.compute("optimizer", Work.optimizer_s(param_elements, element_size, costs.rates))
     expected = predicted_peer_comm(strategy, cfg, spec, world, sp, element_size)
     if sched.tally() != expected:
-        raise AssertionError(f"{strategy} schedule disagrees with isp_core.peer_formula: {sched.tally()} != {expected}")
+        raise AssertionError(f"{strategy} schedule disagrees with bench.strategies.peer_formula: {sched.tally()} != {expected}")
     return sched

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.plan.cli import main
+from bench.cli.plan import main
 
 ROOT = Path(__file__).resolve().parents[2]
 H100 = ROOT / "configs" / "hardware" / "h100-sxm-8.yaml"

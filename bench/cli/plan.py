@@ -1,0 +1,66 @@
+"""`run_bench.py plan`: argument parsing only; the work is in bench/plan/commands.py (docs/plan.md).
+
+    plan CONFIG [--world N] [--hardware FILE] [--link-profile RUN_DIR] [--format table|md|json]
+    plan --calibrate RUN_DIR [RUN_DIR ...] [--out FILE]
+    plan --validate RUN_DIR [RUN_DIR ...] [--calibration RUN_DIR ...] [--hardware FILE] [--format json]
+
+Nothing is launched and no local device is probed. Exit 2 on bad input (config, hardware file,
+run folder), naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.plan import commands
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_bench.py plan",
+                                description="Predict memory, communication and step time of every cell and its "
+                                            "peers on the cluster a hardware file describes (docs/plan.md).")
+    p.add_argument("config", nargs="?", type=Path, help="YAML sweep to plan (default: the embedded default)")
+    p.add_argument("--world", type=int, metavar="N", help="plan every cell at world size N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--hardware", type=Path, metavar="FILE",
+                   help="hardware file (default: configs/hardware/h100-sxm-8.yaml)")
+    p.add_argument("--link-profile", type=Path, metavar="RUN_DIR", help="collectives run whose curves time the links")
+    p.add_argument("--format", choices=("table", "md", "json"), default="table")
+    p.add_argument("--no-peers", action="store_true", help="plan the config's cells only")
+    p.add_argument("--master-fp32", action="store_true",
+                   help="count fp32 master weights and AdamW moments (InternEvo's mixed precision)")
+    p.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="write a hardware file for this machine from a collectives run and a profiled run")
+    p.add_argument("--out", type=Path, metavar="FILE", help="where --calibrate writes (default: stdout)")
+    p.add_argument("--validate", type=Path, nargs="+", metavar="RUN_DIR", help="predict finished runs and compare")
+    p.add_argument("--calibration", type=Path, action="append", default=[], metavar="RUN_DIR",
+                   help="runs to calibrate on for --validate (default: the validated runs themselves)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.world is not None and args.world < 1:
+        print(f"error: --world {args.world}: allowed: an int >= 1", file=sys.stderr)
+        return 2
+    try:
+        if args.calibrate:
+            text = commands.calibration_yaml(args.calibrate)
+            if args.out:
+                args.out.write_text(text)
+                print(f"wrote {args.out}", file=sys.stderr)
+            else:
+                sys.stdout.write(text)
+        elif args.validate:
+            result = commands.validate(args.validate, args.calibration, args.hardware)
+            sys.stdout.write(commands.validation_text(result, args.format))
+        else:
+            overrides = list(args.set) + ([f"parallel.world_size={args.world}"] if args.world else [])
+            sys.stdout.write(commands.plan(args.config, overrides, args.hardware, args.link_profile, args.format,
+                                           not args.no_peers, args.master_fp32))
+    except ValueError as exc:  # ConfigError, HardwareError, RunFolderError: one line per problem
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

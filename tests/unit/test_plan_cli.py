@@ -86,3 +86,14 @@ def test_plan_starts_no_process_and_never_asks_for_devices(monkeypatch, capsys):
             "--set", "parallel.wp=8", "--set", "model.heads=8", "--set", "model.kv_heads=4"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["ranking"]
+
+
+def test_shipped_hardware_files_and_plan_configs_load():
+    from bench.config.matrix import load_config
+    from bench.plan.hardware import load_hardware
+
+    for path in sorted((ROOT / "configs" / "hardware").glob("*.yaml")):
+        hw = load_hardware(path)
+        assert hw.gpus_per_node == 8 and hw.inter is not None and hw.peak("bfloat16") > 0
+    assert len(load_config(ROOT / "configs" / "layouts-cpu.yaml", host=None).cells) == 6
+    assert len(load_config(ROOT / "configs" / "plan-7b-256k.yaml", host=None).cells) == 8

@@ -95,7 +95,7 @@ def compute_rates(record: dict[str, Any], config: Any) -> dict[str, float]:
     if not traces:
         raise ValueError(f"cell {record.get('cell')}: no trace; run it with profile.enabled: true")
     with gzip.open(traces[0], "rt") as f:
-        seconds, traced, steps = traced_seconds(json.load(f))
+        seconds, _, steps = traced_seconds(json.load(f))
     median = record["metrics"]["step_time_s"]["median"]
     # The profiler slows ops down, and the host's gaps between ops (Python) belong to no class:
     # scaling the classes' sum to the measured median spreads both over the classes.
@@ -135,7 +135,7 @@ def _smooth(times: list[float]) -> list[float]:
     if len(times) < 3:
         return list(times)
     inner = [sorted(times[i - 1:i + 2])[1] for i in range(1, len(times) - 1)]
-    return [min(times[:2]), *inner, sorted(times[-2:])[0]]
+    return [min(times[:2]), *inner, min(times[-2:])]
 
 
 def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,8 +26,8 @@ difference. IspKnobs carries issue 12's variants with today's defaults.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from bench.plan.compute import Rates, Work
 from bench.plan.replay import Schedule

@@ -21,11 +21,17 @@ import torch
 from bench.plan.compute import Work
 from bench.plan.isp_schedule import BACKWARD_ORDER, LINEAR_NAMES, Costs
 from bench.plan.replay import Schedule
+from bench.strategies.peer_formula import (
+    BUCKET_CAP_BYTES,
+    FIRST_BUCKET_BYTES,
+    ddp_buckets,
+    padded_numel,
+    parameter_groups,
+    predicted_peer_comm,
+)
 from isp_core.comm_formula import _linear_shapes
 from isp_core.data import DataSpec
 from isp_core.model import LlamaConfig, LlamaModel
-from bench.strategies.peer_formula import (BUCKET_CAP_BYTES, FIRST_BUCKET_BYTES, ddp_buckets, padded_numel,
-                                   parameter_groups, predicted_peer_comm)
 
 
 class _PeerStep:

@@ -111,7 +111,7 @@ class PlanInputs:
     curves: tuple[MeasuredCurve, ...] = ()
     runtime_bytes: float | None = None  # None: the hardware file's reserved_gib
     master_fp32: bool = False
-    knobs: IspKnobs = IspKnobs()
+    knobs: IspKnobs = field(default_factory=IspKnobs)
 
 
 def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:

@@ -11,7 +11,6 @@ About 40 s on 2 idle cores (the first layout pays torch's meta-device import); m
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.plan.compute import LOSS_BWD, LOSS_FWD, OPTIMIZER_PASSES, Rates, Work
+from bench.plan.compute import LOSS_BWD, LOSS_FWD, OPTIMIZER_PASSES, Rates, Work, rates_for
 from bench.plan.hardware import parse_hardware
 from bench.plan.memory import isp_memory
 from bench.plan.predict import ELEMENT_SIZE, attention_pairs, data_spec, llama
@@ -167,10 +167,13 @@ def call_overhead_s(doc: dict[str, Any], record: dict[str, Any], config: Any) ->
     shared CPU that is the Python around each call and the wait for the slower rank."""
     from bench.plan.predict import PlanInputs, predict
 
-    pred = predict(record["cell"], config, PlanInputs(parse_hardware(doc, "<calibration>")))
+    hw = parse_hardware(doc, "<calibration>")
+    pred = predict(record["cell"], config, PlanInputs(hw))
     calls = sum(c["calls"] for kinds in pred.comm.values() for c in kinds.values())
     gap = record["metrics"]["step_time_s"]["median"] - pred.step_time_s
-    return max(0.0, gap / calls) if calls else 0.0
+    # Host time is the rank's own CPU work: stored for a rank at full speed (compute.py's share).
+    share = rates_for(hw, config.run.dtype, min(config.parallel.world_size, hw.gpus_per_node)).share
+    return max(0.0, gap / calls) * share if calls else 0.0
 
 
 def _scaling_cell(config: Any, base: Any) -> bool:

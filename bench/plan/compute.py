@@ -16,7 +16,8 @@ On a CPU with C `cores` shared by the r ranks of one node, each rank runs t = ma
 threads (bench/launch.py). Its speed is t^a (a = `thread_scaling`: 1 when threads add linearly,
 0 when a second thread buys nothing, as small matmuls on a loaded host show) times its share of
 the cores when the node is oversubscribed, min(1, C / (r t)); the calibrated rates were
-measured at t = C on one rank, so they are scaled by that speed over C^a.
+measured at t = C on one rank, so they are scaled by that speed over C^a. The host time per
+collective call (Hardware.call_overhead_s, stored for a rank at full speed) is divided by it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Rates:
     loss_bytes: float
     optimizer_bytes: float
     source: str
+    share: float = 1.0      # this rank's speed relative to the calibration (1 for datasheet rates)
 
 
 def rates_for(hw: Hardware, dtype: str, ranks_per_node: int) -> Rates:
@@ -52,7 +54,8 @@ def rates_for(hw: Hardware, dtype: str, ranks_per_node: int) -> Rates:
             share = speed / hw.cores ** hw.thread_scaling
         return Rates(a["matmul_tflops"] * 1e12 * share, a["attention_tflops"] * 1e12 * share,
                      a["elementwise_gbps"] * 1e9 * share, a["loss_gbps"] * 1e9 * share,
-                     a["optimizer_gbps"] * 1e9 * share, f"{hw.name}: calibrated rates x core share {share:.2f}")
+                     a["optimizer_gbps"] * 1e9 * share, f"{hw.name}: calibrated rates x core share {share:.2f}",
+                     share)
     peak = hw.peak(dtype)
     if peak is None:
         raise ValueError(f"{hw.source}: compute.peak_tflops has no {dtype}; allowed here: "

@@ -130,7 +130,7 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     work = Work(tokens, E, cfg.hidden, cfg.mlp_hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, cfg.vocab,
                 4.0 * pairs_per_micro_rank * cfg.head_dim * cfg.heads / sp)
     costs = Costs(work, rates, lambda kind, group, nbytes: links.time_s(kind, nbytes, placements[group]),
-                  hw.call_overhead_s)
+                  hw.call_overhead_s / rates.share)
     runtime = hw.reserved_bytes if inputs.runtime_bytes is None else inputs.runtime_bytes
     total_elements = cfg.layers * (sum(_linear_shapes(cfg)) + 2 * cfg.hidden) + 2 * cfg.vocab * cfg.hidden + cfg.hidden
     if p.strategy == "isp":

@@ -54,3 +54,20 @@ def test_trace_classes_count_top_level_main_thread_ops_inside_steps():
     assert steps == 1 and traced == pytest.approx(1000e-6)
     assert seconds == pytest.approx({"matmul": 100e-6, "attention": 40e-6, "loss": 30e-6, "optimizer": 20e-6,
                                      "elementwise": 10e-6})
+
+
+def test_curves_are_smoothed_and_net_of_the_timers_barrier():
+    from bench.plan.calibrate import curves_from
+
+    def rows(times_us):
+        return {"rows": [{"size_bytes": 1024 << i, "time_us": t} for i, t in enumerate(times_us)]}
+
+    record = {"status": "ok", "metrics": {"collectives": {
+        "group_ranks": [[0, 1]], "world_size": 2, "device": "cpu",
+        "ops": {"all_reduce": rows([200, 220, 240, 260]),
+                "all_gather": rows([300, 9000, 320, 340])}}}}   # one disturbed size
+    curves = {c["op"]: c for c in curves_from([record])}
+    barrier = 100e-6  # half the smallest all-reduce
+    assert curves["all_reduce"]["times_s"][0] == pytest.approx(200e-6 - barrier)
+    assert max(curves["all_gather"]["times_s"]) < 400e-6  # the 9 ms outlier is gone
+    assert curves["all_gather"]["group_size"] == 2

@@ -5,8 +5,9 @@ FSDP2 (docs/peers.md, bench/strategies/peer_formula.py): one parameter group per
             i+1's gather is in flight during block i (FSDP2's implicit prefetch); on a CPU the
             host gathers each block when it reaches it (no overlap)
   backward  blocks last to first, each one's gather prefetched one block ahead (FSDP2's
-            default backward prefetch); each block's gradient reduce-scattered asynchronously;
-            the root (kept unsharded since forward) reduce-scatters after the embedding
+            default backward prefetch); each block's gradient reduce-scattered (asynchronously
+            on a GPU's stream, blocking on a CPU); the root (kept unsharded since forward)
+            reduce-scatters after the embedding
 DDP       plain compute; in the last micro-step's backward each gradient bucket all-reduces
           asynchronously as soon as its last gradient is ready (buckets: peer_formula.ddp_buckets)
 Ulysses   FSDP2 over the world for the weights, plus the q, kv and output all-to-alls of
@@ -63,10 +64,15 @@ class _PeerStep:
             self.s.wait(self.gathers.pop(group))
 
     def scatter(self, group: str) -> None:
+        """FSDP2 reduce-scatters without async_op on its own CUDA stream: asynchronous to compute
+        on a GPU, a blocking call on a CPU."""
         if self.fsdp:
             nbytes = self.group_bytes[group]
-            self.scatters.append(self.s.comm(f"rs.{group}", "world", "reduce_scatter", nbytes,
-                                             self.c.comm_s("reduce_scatter", "world", nbytes), False, True))
+            sync = self.s.host_sync
+            op = self.s.comm(f"rs.{group}", "world", "reduce_scatter", nbytes,
+                             self.c.comm_s("reduce_scatter", "world", nbytes), sync, True)
+            if not sync:
+                self.scatters.append(op)
 
     def a2a(self, name: str, nbytes: float) -> None:
         if self.strategy == "ulysses" and self.sp > 1:

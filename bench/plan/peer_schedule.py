@@ -5,7 +5,8 @@ FSDP2 (docs/peers.md, bench/strategies/peer_formula.py): one parameter group per
             i+1's gather is in flight during block i (FSDP2's implicit prefetch); on a CPU the
             host gathers each block when it reaches it (no overlap)
   backward  blocks last to first, each one's gather prefetched one block ahead (FSDP2's
-            default backward prefetch); each block's gradient reduce-scattered (asynchronously
+            default backward prefetch; on a CPU that gather blocks, FSDP2 unshards with
+            async_op=False); each block's gradient reduce-scattered (asynchronously
             on a GPU's stream, blocking on a CPU); the root (kept unsharded since forward)
             reduce-scatters after the embedding
 DDP       plain compute; in the last micro-step's backward each gradient bucket all-reduces
@@ -52,8 +53,10 @@ class _PeerStep:
         if not self.fsdp or group in self.gathers:
             return
         nbytes = self.group_bytes[group]
+        # FSDP2 unshards with async_op=False, prefetches included: its own stream makes that
+        # asynchronous on a GPU; on a CPU every gather blocks where it is issued.
         self.gathers[group] = self.s.comm(f"ag.{group}", "world", "all_gather", nbytes,
-                                          self.c.comm_s("all_gather", "world", nbytes), False, False)
+                                          self.c.comm_s("all_gather", "world", nbytes), self.s.host_sync, False)
         if sync:
             self.use(group)
 

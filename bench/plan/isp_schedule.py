@@ -43,12 +43,13 @@ LAUNCH_POINTS = ("wqkv", "attn", "wo", "w1")
 @dataclass(frozen=True)
 class IspKnobs:
     """ISP variants, named as isp_core.engine.ISPSettings names them (issue 12's knobs), with
-    today's defaults. Modelled: the defaults and every `launch_allgather_before` point; the
-    others are refused (ValueError) until their calls are in isp_core.comm_formula."""
+    today's defaults. Modelled: the defaults, every `launch_allgather_before` point and both
+    `forward_overlap_per` (timing only); wp_unit="block" and the gathered head change the calls,
+    and are refused (ValueError) until isp_core.comm_formula counts them."""
 
     wp_unit: str = "module"                 # "block": one all-gather per block's weights
     head: str = "vocab_parallel"            # "gathered": the head's weight gathered, loss on own tokens
-    forward_overlap_per: str = "layer"      # "module": prefetch the next linear, not the next block
+    forward_overlap_per: str = "layer"      # "module": each linear, once at hand, prefetches the next
     launch_allgather_before: str = "wo"     # where a block launches the next block's gathers
 
     def check(self) -> None:
@@ -57,8 +58,8 @@ class IspKnobs:
             problems.append(f"wp_unit={self.wp_unit!r} (modelled: 'module')")
         if self.head != "vocab_parallel":
             problems.append(f"head={self.head!r} (modelled: 'vocab_parallel')")
-        if self.forward_overlap_per != "layer":
-            problems.append(f"forward_overlap_per={self.forward_overlap_per!r} (modelled: 'layer')")
+        if self.forward_overlap_per not in ("layer", "module"):
+            problems.append(f"forward_overlap_per={self.forward_overlap_per!r} (allowed: 'layer', 'module')")
         if self.launch_allgather_before not in LAUNCH_POINTS:
             problems.append(f"launch_allgather_before={self.launch_allgather_before!r} "
                             f"(allowed: {', '.join(LAUNCH_POINTS)})")
@@ -157,7 +158,8 @@ class _IspStep:
 
     def _launch_point(self, i: int, phase: str, here: str) -> None:
         """Forward: the next block's gathers; recompute: the previous block's (it runs backwards)."""
-        if not self.overlap or here != self.knobs.launch_allgather_before:
+        per_layer = self.knobs.forward_overlap_per == "layer"
+        if not self.overlap or not per_layer or here != self.knobs.launch_allgather_before:
             return
         target = i + 1 if phase == "forward" else i - 1
         if 0 <= target < self.cfg.layers:
@@ -166,9 +168,23 @@ class _IspStep:
 
     def _module_forward(self, i: int, name: str, phase: str) -> None:
         self.wait(i, name)
+        if self.overlap and self.knobs.forward_overlap_per == "module":
+            self._launch_next_module(i, name, phase)
         self.linear(i, name, phase)
         if phase == "forward":
             self.held.discard((i, name))
+
+    def _launch_next_module(self, i: int, name: str, phase: str) -> None:
+        """forward_overlap_per="module": a module whose weight is at hand launches the next one;
+        a recompute's last module launches the previous block (recomputes run backwards)."""
+        pos = LINEAR_NAMES.index(name)
+        if phase == "forward":
+            target = (i, LINEAR_NAMES[pos + 1]) if pos + 1 < len(LINEAR_NAMES) else (i + 1, LINEAR_NAMES[0])
+            if target[0] < self.cfg.layers:
+                self.launch(*target)
+        elif pos == len(LINEAR_NAMES) - 1 and i > 0:
+            for other in LINEAR_NAMES:
+                self.launch(i - 1, other)
 
     def block_backward(self, i: int) -> None:
         cfg, T, E = self.cfg, self.T, self.E
@@ -226,7 +242,7 @@ class _IspStep:
         table = self.cfg.vocab * self.cfg.hidden
         self.gather_sync("embedding", table)
         self.s.compute("forward.embedding", self.c.work.elementwise_s("forward", self.c.rates, 0.05))
-        if self.overlap:
+        if self.overlap and self.knobs.forward_overlap_per == "layer":  # "module": on demand
             for name in LINEAR_NAMES:
                 self.launch(0, name)
         for i in range(self.cfg.layers):

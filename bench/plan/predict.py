@@ -114,6 +114,12 @@ class PlanInputs:
     knobs: IspKnobs = field(default_factory=IspKnobs)
 
 
+def _knobs(parallel: Any, default: IspKnobs) -> IspKnobs:
+    """Issue 12's ISP variants from the cell's parallel section once it has them, else `default`."""
+    names = ("wp_unit", "head", "forward_overlap_per", "launch_allgather_before")
+    return IspKnobs(**{n: getattr(parallel, n, getattr(default, n)) for n in names})
+
+
 def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     cfg, spec, p, r = llama(config.model), data_spec(config), config.parallel, config.run
     hw, E = inputs.hardware, ELEMENT_SIZE[r.dtype]
@@ -136,8 +142,8 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     if p.strategy == "isp":
         shard = (cfg.layers * sum(_linear_shapes(cfg)) + 2 * cfg.vocab * cfg.hidden) // wp \
             + (2 * cfg.layers + 1) * cfg.hidden
-        sched = build_isp(cfg, spec, world, sp, wp, p.overlap, E, costs, host_sync=not gpu, knobs=inputs.knobs,
-                          shard_elements=shard)
+        sched = build_isp(cfg, spec, world, sp, wp, p.overlap, E, costs, host_sync=not gpu,
+                          knobs=_knobs(p, inputs.knobs), shard_elements=shard)
         memory = isp_memory(cfg, tokens, wp, sp, p.overlap, p.memory_pool, E, spec.micro_num, runtime,
                             inputs.master_fp32)
     else:

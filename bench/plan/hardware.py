@@ -101,7 +101,7 @@ def _number(doc: dict, key: str, where: str, out: _Problems, required: bool = Tr
             out.add(f"{where}.{key}", "missing; allowed: a number" + (f" > {lo:g}" if lo == 0 else f" >= {lo:g}"))
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < lo or (lo == 0 and value == 0 and key not in ("reserved_gib", "margin", "latency_us")) \
+            or value < lo or (lo == 0 and value == 0 and key not in ("reserved_gib", "margin", "latency_us", "thread_scaling", "call_overhead_us")) \
             or (hi is not None and value > hi):
         bound = f">= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
         out.add(f"{where}.{key}", f"got {value!r}; allowed: a number {bound}")

@@ -14,8 +14,9 @@ device    memory_gib from the host's RAM as env.json does not record it: /proc/m
 A CPU's rates were measured with all `cores` on one rank; compute.py shares them out, and
 thread_scaling (how much a rank's second thread helps) comes from a profiled world-size-2 ISP
 cell without overlap, when the runs have one: its traced compute per token (bench/overlap.py's
-compute intervals) against the world-size-1 cell's. The same cell gives links.call_overhead_us:
-its measured step minus the predicted one, per collective call (every call there is blocking).
+compute intervals) against the world-size-1 cell's. links.busy_latency_us comes from one ISP
+cell per world size (without overlap where there is one): its measured step minus the
+predicted one, per collective call.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.plan.compute import LOSS_BWD, LOSS_FWD, OPTIMIZER_PASSES, Rates, Work, rates_for
+from bench.plan.compute import (
+    LOSS_BWD,
+    LOSS_FWD,
+    OPTIMIZER_PASSES,
+    Rates,
+    Work,
+)
 from bench.plan.hardware import parse_hardware
 from bench.plan.memory import isp_memory
 from bench.plan.predict import ELEMENT_SIZE, attention_pairs, data_spec, llama
@@ -161,19 +168,30 @@ def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
-def call_overhead_s(doc: dict[str, Any], record: dict[str, Any], config: Any) -> float:
-    """What each collective call of a synchronous training step costs beyond its link time:
-    the measured median step minus the step the model predicts without it, per call. On a
-    shared CPU that is the Python around each call and the wait for the slower rank."""
+def busy_latency_s(doc: dict[str, Any], record: dict[str, Any], config: Any) -> float:
+    """What each collective call of a training step costs beyond its isolated link time, with
+    this cell's ranks busy on the host: its measured median step minus the step predicted
+    without it, per call. On a shared CPU: gloo's threads waiting for a core, and for the
+    slower rank, which the collectives run (every rank idle but the call) does not see."""
     from bench.plan.predict import PlanInputs, predict
 
-    hw = parse_hardware(doc, "<calibration>")
-    pred = predict(record["cell"], config, PlanInputs(hw))
+    pred = predict(record["cell"], config, PlanInputs(parse_hardware(doc, "<calibration>")))
     calls = sum(c["calls"] for kinds in pred.comm.values() for c in kinds.values())
     gap = record["metrics"]["step_time_s"]["median"] - pred.step_time_s
-    # Host time is the rank's own CPU work: stored for a rank at full speed (compute.py's share).
-    share = rates_for(hw, config.run.dtype, min(config.parallel.world_size, hw.gpus_per_node)).share
-    return max(0.0, gap / calls) * share if calls else 0.0
+    return max(0.0, gap / calls) if calls else 0.0
+
+
+def _busy_cells(records: list[dict[str, Any]], configs: dict[str, Any], base: Any) -> dict[int, dict[str, Any]]:
+    """Per world size > 1, the ISP cell to measure busy latency on: the base's model and tokens,
+    no overlap preferred (every call blocks), then no recompute, then the first id."""
+    out: dict[int, dict[str, Any]] = {}
+    cands = [r for r in records if r.get("status") == "ok" and r["cell"] in configs
+             and configs[r["cell"]].parallel.strategy == "isp" and configs[r["cell"]].parallel.world_size > 1
+             and configs[r["cell"]].model.hidden == base.model.hidden]
+    for r in sorted(cands, key=lambda r: (configs[r["cell"]].parallel.overlap, configs[r["cell"]].model.checkpoint,
+                                          r["cell"])):
+        out.setdefault(configs[r["cell"]].parallel.world_size, r)
+    return out
 
 
 def _scaling_cell(config: Any, base: Any) -> bool:
@@ -236,8 +254,13 @@ def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[
             pick = min(second, key=lambda r: r["cell"])
             doc["device"]["thread_scaling"] = thread_scaling((record, config), (pick, configs[pick["cell"]]), cores)
             used.append(f"{pick['run']}/{pick['cell']}")
-            doc["links"]["call_overhead_us"] = call_overhead_s(doc, pick, configs[pick["cell"]]) * 1e6
-    doc["notes"] = {"calibrated_on": used, "barrier_s": {f"{c['op']} x{c['group_size']}": c["barrier_s"]
+    busy = {}
+    for world, cell in sorted(_busy_cells(records, configs, config).items()):
+        busy[world] = busy_latency_s(doc, cell, configs[cell["cell"]]) * 1e6
+        used.append(f"{cell['run']}/{cell['cell']}")
+    if busy:
+        doc["links"]["busy_latency_us"] = busy
+    doc["notes"] = {"calibrated_on": list(dict.fromkeys(used)), "barrier_s": {f"{c['op']} x{c['group_size']}": c["barrier_s"]
                                                          for c in curves}}
     parse_hardware(doc, "<calibration>")  # the document must load as any hardware file does
     return doc

@@ -10,8 +10,10 @@ A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with three secti
               attention_tflops, elementwise_gbps, loss_gbps, optimizer_gbps} (calibrated)
     links:    gpus_per_node, intra {busbw_gbps, latency_us}, inter {busbw_gbps, latency_us},
               optionally curves: measured [{op, group_size, sizes, times_s}] per op, and
-              call_overhead_us: host time and rank skew every collective call of a training
-              step pays beyond the link (calibrated on CPU; 0 by default)
+              call_overhead_us: host time before every collective call (0 by default), and
+              busy_latency_us {ranks per node: us}: what a call takes beyond its isolated link
+              time when that many ranks compute on the host (calibrated on CPU: gloo's threads
+              wait for cores and for the slower rank)
 
 Every problem is reported with the file, the key and what is allowed (exit 2 in the CLI).
 """
@@ -78,11 +80,15 @@ class Hardware:
     inter: Link | None
     curves: tuple[MeasuredCurve, ...] = ()
     call_overhead_s: float = 0.0
+    busy_latency_s: dict[int, float] = field(default_factory=dict)
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float | None:
         return self.peak_tflops.get(dtype)
+
+
+_MAY_BE_ZERO = ("reserved_gib", "margin", "latency_us", "thread_scaling", "call_overhead_us")
 
 
 class _Problems:
@@ -101,7 +107,7 @@ def _number(doc: dict, key: str, where: str, out: _Problems, required: bool = Tr
             out.add(f"{where}.{key}", "missing; allowed: a number" + (f" > {lo:g}" if lo == 0 else f" >= {lo:g}"))
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < lo or (lo == 0 and value == 0 and key not in ("reserved_gib", "margin", "latency_us", "thread_scaling", "call_overhead_us")) \
+            or value < lo or (lo == 0 and value == 0 and key not in _MAY_BE_ZERO) \
             or (hi is not None and value > hi):
         bound = f">= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
         out.add(f"{where}.{key}", f"got {value!r}; allowed: a number {bound}")
@@ -168,7 +174,8 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
                                                   "thread_scaling"))
     comp = _section(doc, "compute", out, ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency",
                                           "achieved"))
-    links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves", "call_overhead_us"))
+    links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves", "call_overhead_us",
+                                                "busy_latency_us"))
     memory = _number(dev, "memory_gib", "device", out)
     reserved = _number(dev, "reserved_gib", "device", out, required=False) or 0.0
     margin = _number(dev, "margin", "device", out, required=False, hi=0.9) or 0.0
@@ -186,6 +193,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     intra, inter = _link(links, "intra", out), _link(links, "inter", out)
     curves = _curves(links.get("curves"), out)
     overhead = _number(links, "call_overhead_us", "links", out, required=False) or 0.0
+    busy = _busy(links.get("busy_latency_us"), out)
     if intra is None and not curves and not out.lines:
         out.add("links", "needs intra {busbw_gbps, latency_us} (and inter for multi-node) or measured curves")
     if out.lines:
@@ -193,8 +201,19 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     gib = 1024 ** 3
     return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores,
                     1.0 if scaling is None else scaling, peak, eff,
-                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, overhead * 1e-6, source=path,
+                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, overhead * 1e-6, busy, source=path,
                     notes=doc.get("notes") or {})
+
+
+def _busy(raw: Any, out: _Problems) -> dict[int, float]:
+    if raw is None:
+        return {}
+    ok = isinstance(raw, dict) and all(isinstance(k, int) and k >= 1 and isinstance(v, (int, float))
+                                       and not isinstance(v, bool) and v >= 0 for k, v in raw.items())
+    if not ok:
+        out.add("links.busy_latency_us", "allowed: a mapping {ranks per node (int >= 1): microseconds >= 0}")
+        return {}
+    return {k: float(v) * 1e-6 for k, v in raw.items()}
 
 
 def _achieved(comp: dict, out: _Problems) -> dict[str, float] | None:

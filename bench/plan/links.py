@@ -42,8 +42,13 @@ def place(ranks: list[int], gpus_per_node: int) -> Placement:
 class LinkModel:
     """time_s(kind, nbytes, placement); `source(kind, placement)` says where a time comes from."""
 
-    def __init__(self, hardware: Hardware, curves: tuple[MeasuredCurve, ...] = ()) -> None:
+    def __init__(self, hardware: Hardware, curves: tuple[MeasuredCurve, ...] = (), ranks_per_node: int = 1) -> None:
         self.hw = hardware
+        # Extra latency per call with this many ranks busy on a host (Hardware.busy_latency_s):
+        # the calibrated figure for the nearest rank count at or below, else the smallest.
+        known = sorted(hardware.busy_latency_s)
+        below = [r for r in known if r <= ranks_per_node]
+        self.busy_s = hardware.busy_latency_s[below[-1] if below else known[0]] if known else 0.0
         # Curves given directly (--link-profile) win over the hardware file's own.
         self.curves = tuple(curves) + tuple(hardware.curves)
 
@@ -61,7 +66,8 @@ class LinkModel:
         if where.size == 1 or nbytes <= 0:
             return 0.0
         curve = self._curve(kind, where.size)
-        return curve.time_s(nbytes) if curve is not None else self._alpha_beta(kind, nbytes, where)
+        link = curve.time_s(nbytes) if curve is not None else self._alpha_beta(kind, nbytes, where)
+        return link + self.busy_s
 
     def _alpha_beta(self, kind: str, nbytes: float, where: Placement) -> float:
         n, hw = where.size, self.hw

@@ -129,7 +129,7 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     rates = rates_for(hw, r.dtype, ranks_per_node)
     layout = group_layout(world, sp, wp)
     placements = {g: place(groups[0], hw.gpus_per_node) for g, groups in layout.items()}
-    links = LinkModel(hw, inputs.curves)
+    links = LinkModel(hw, inputs.curves, ranks_per_node)
     tokens = spec.micro_bsz(world // sp) * spec.seq_len // sp
     pairs = attention_pairs(spec, r.warmup_steps, r.measure_steps)
     pairs_per_micro_rank = pairs / ((world // sp) * spec.micro_num)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.plan.hardware import Hardware, Link, MeasuredCurve
@@ -41,3 +43,12 @@ def test_a_measured_curve_wins_and_is_interpolated_in_log_log():
     assert links.time_s("all_gather", 2e6, where) == pytest.approx(2e-3)          # bandwidth beyond the last size
     assert links.source("all_gather", where).startswith("measured")
     assert links.source("reduce_scatter", where) == "intra link"
+
+
+def test_busy_latency_is_added_per_call_for_the_nearest_calibrated_rank_count():
+    hw = dataclasses.replace(_hw(), busy_latency_s={2: 1e-3, 4: 5e-3})
+    where = place(list(range(8)), 8)
+    idle = LinkModel(_hw()).time_s("all_gather", 1e6, where)
+    assert LinkModel(hw, ranks_per_node=2).time_s("all_gather", 1e6, where) == pytest.approx(idle + 1e-3)
+    assert LinkModel(hw, ranks_per_node=8).time_s("all_gather", 1e6, where) == pytest.approx(idle + 5e-3)
+    assert LinkModel(hw, ranks_per_node=1).time_s("all_gather", 1e6, where) == pytest.approx(idle + 1e-3)

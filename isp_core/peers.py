@@ -49,7 +49,7 @@ else:
     FSDP2_COUNTING = True
 from torch.nn.parallel import DistributedDataParallel
 
-from isp_core.attention import DistributedAttention, local_attention
+from isp_core.attention import DistributedAttention
 from isp_core.comm_stats import CommStats
 from isp_core.data import DataSpec, MicroBatch, micro_batches
 from isp_core.engine import ISPSettings, ISPTrainer, build_isp_model, build_reference_model
@@ -170,7 +170,7 @@ def build_peer_model(strategy: str, cfg: LlamaConfig, topo: ParallelTopology, se
         return ddp
     if strategy == "ulysses":
         for block in model.layers:
-            block.attention.core = DistributedAttention(local_attention, topo.sequence)
+            block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
     shard_with_fsdp2(model, topo.world, device)
     return model
 

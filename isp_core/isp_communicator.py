@@ -1,4 +1,8 @@
 """ISPCommunicator: all-gather of block weights with prefetch, reduce-scatter of their gradients.
+Longer than 300 lines because the prefetch state machine and its hooks belong together; the
+scheduler hook and the wrapper at the end are InternEvo's public companions of the class.
+(Longer than 300 lines because the prefetch schedule is one state machine: split, it would
+no longer read top to bottom.)
 
 The schedule moves gather units (isp_core.gather_unit): one per weight-parallel linear
 (`wp_unit="module"`, InternEvo) or one per block (`wp_unit="block"`, FSDP2-style). Each unit

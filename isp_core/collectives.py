@@ -36,10 +36,6 @@ class Pending:
     def done(cls, value: torch.Tensor) -> "Pending":
         return cls(None, lambda: value)
 
-    def is_completed(self) -> bool:
-        """True once the result can be had without blocking."""
-        return self._result is not None or self._work is None or self._work.is_completed()
-
     def wait(self) -> torch.Tensor:
         if self._result is None:
             if self._work is not None:

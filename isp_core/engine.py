@@ -52,7 +52,6 @@ class ISPSettings:
     head: str = "vocab_parallel"           # "vocab_parallel" | "gathered" (see head_embedding)
     forward_overlap_per: str = "layer"     # "layer" | "module": forward prefetch granularity
     launch_allgather_before: str = "wo"    # "wqkv" | "attn" | "wo" | "w1": launches the next block
-    early_reduce_scatter_release: bool = False  # collect each gradient reduce-scatter once complete
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_MODES:
@@ -134,8 +133,7 @@ def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetti
     comm = ISPCommunicator(model, conf, overlap=settings.overlap, enable_memory_pool=settings.memory_pool,
                            process_group=topo.weight, wp_unit=settings.wp_unit,
                            forward_overlap_per=settings.forward_overlap_per,
-                           launch_allgather_before=settings.launch_allgather_before,
-                           early_reduce_scatter_release=settings.early_reduce_scatter_release)
+                           launch_allgather_before=settings.launch_allgather_before)
     head_comm = (GatheredHeadCommunicator(topo.weight) if settings.head == "gathered" else
                  HeadWeightParallelCommunicator(topo.weight, topo.sequence, settings.retain_out_sharded))
     model.output.communicator = head_comm

@@ -1,8 +1,6 @@
 """ISPCommunicator: all-gather of block weights with prefetch, reduce-scatter of their gradients.
-Longer than 300 lines because the prefetch state machine and its hooks belong together; the
-scheduler hook and the wrapper at the end are InternEvo's public companions of the class.
 (Longer than 300 lines because the prefetch schedule is one state machine: split, it would
-no longer read top to bottom.)
+no longer read top to bottom. The gather units themselves live in isp_core.gather_unit.)
 
 The schedule moves gather units (isp_core.gather_unit): one per weight-parallel linear
 (`wp_unit="module"`, InternEvo) or one per block (`wp_unit="block"`, FSDP2-style). Each unit
@@ -91,8 +89,7 @@ class ISPCommunicator(WPCommunicator):
     def __init__(self, model: Union[nn.Module, list, nn.ModuleList], model_conf: ISPCommModelConfig,
                  overlap: bool = False, enable_memory_pool: bool = False,
                  process_group: Union[CommGroup, dist.ProcessGroup, None] = None, wp_unit: str = "module",
-                 forward_overlap_per: str = "layer", launch_allgather_before: str = "wo",
-                 early_reduce_scatter_release: bool = False) -> None:
+                 forward_overlap_per: str = "layer", launch_allgather_before: str = "wo") -> None:
         assert process_group is not None, "ISPCommunicator needs the weight-parallel process group"
         self.process_group = as_comm_group(process_group, "weight")
         self.overlap = overlap
@@ -102,9 +99,6 @@ class ISPCommunicator(WPCommunicator):
         # Block units need the hooks even without overlap: they say when a block starts and ends.
         self._hooked = overlap or self.wp_unit == "block"
         self.enable_memory_pool = overlap and enable_memory_pool
-        # Collect each gradient reduce-scatter as soon as it has completed (checked whenever a
-        # new one is issued) instead of all of them after backward: frees its buffers earlier.
-        self.early_reduce_scatter_release = early_reduce_scatter_release
         self.model_conf = model_conf
         self.is_forward = True
         self.events: Optional[list[tuple[str, str]]] = None  # set to [] to record the schedule
@@ -333,8 +327,6 @@ class ISPCommunicator(WPCommunicator):
                                      label=unit.label + (".bias" if is_bias else ""))
             # Keep the full gradient alive until the reduce-scatter has read it.
             self.reduce_scatter_handlers[param.isp_reduce_scatter_name] = GradReduce(pending, tensor, param, out)
-        if self.early_reduce_scatter_release:
-            self.collect_reduce_scatter(completed_only=True)
         # The real gradient arrives in collect_reduce_scatter(); autograd gets zeros meanwhile.
         return self._constant_zero(tuple(param.shape)), None
 
@@ -344,12 +336,11 @@ class ISPCommunicator(WPCommunicator):
         return torch.zeros(shape, dtype=self.model_conf.dtype, device=self.model_conf.device)
 
     # after backward -------------------------------------------------------------------------------
-    def collect_reduce_scatter(self, completed_only: bool = False) -> None:
-        """Wait for every outstanding gradient reduce-scatter (or take those already complete)
-        and add it into the shard's grad."""
+    def collect_reduce_scatter(self) -> None:
+        """Wait for every outstanding gradient reduce-scatter and add it into the shard's grad.
+        (Collecting each one as soon as it completes, InternEvo's early release, was measured
+        on CPU/gloo and showed no gain in time or peak memory: see docs/isp-variants.md.)"""
         for key, entry in list(self.reduce_scatter_handlers.items()):
-            if completed_only and not entry.pending.is_completed():
-                continue
             del self.reduce_scatter_handlers[key]
             with record_function(f"isp.wait.reduce_scatter.{key}"):
                 shard = entry.shard()

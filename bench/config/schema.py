@@ -36,7 +36,7 @@ HEAD_MODES: tuple[str, ...] = ("vocab_parallel", "gathered")
 FORWARD_OVERLAP: tuple[str, ...] = ("layer", "module")
 LAUNCH_BEFORE: tuple[str, ...] = ("wo", "wqkv", "attn", "w1")
 ISP_ONLY_DEFAULTS: dict[str, object] = {"wp_unit": "module", "head": "vocab_parallel", "forward_overlap_per": "layer",
-                                        "launch_allgather_before": "wo", "early_reduce_scatter_release": False}
+                                        "launch_allgather_before": "wo"}
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -232,8 +232,6 @@ class ParallelConfig(Section):
     launch_allgather_before: str = _f("wo", "str", "isp: module before which the next block's gathers start "
                                       "(layer prefetch); parallel.weight.launch_allgather_before",
                                       choices=LAUNCH_BEFORE)
-    early_reduce_scatter_release: bool = _f(False, "bool", "isp: collect each gradient reduce-scatter once "
-                                            "complete rather than after backward")
 
     def __post_init__(self) -> None:
         for name in ("sp", "wp"):

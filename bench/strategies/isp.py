@@ -31,5 +31,4 @@ def settings_from(parallel: Any) -> ISPSettings:
     """The ISPSettings of a cell's `parallel` section (bench.config.schema.ParallelConfig)."""
     return ISPSettings(parallel.overlap, parallel.memory_pool, wp_unit=parallel.wp_unit, head=parallel.head,
                        forward_overlap_per=parallel.forward_overlap_per,
-                       launch_allgather_before=parallel.launch_allgather_before,
-                       early_reduce_scatter_release=parallel.early_reduce_scatter_release)
+                       launch_allgather_before=parallel.launch_allgather_before)

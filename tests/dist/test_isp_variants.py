@@ -23,8 +23,6 @@ VARIANT_CASES_4 = [
     (2, 4, {**POOL, "launch_allgather_before": "wqkv"}, 2 / 3, 1),
     (4, 2, {**OV, "launch_allgather_before": "attn"}, 1 / 3, 2),
     (2, 2, {**BLOCK, **OV, "launch_allgather_before": "w1"}, 1.0, 1),
-    (2, 4, {**POOL, "early_reduce_scatter_release": True}, 2 / 3, 2),
-    (4, 2, {**BLOCK, **POOL, "early_reduce_scatter_release": True}, 0.0, 2),
 ]
 
 

@@ -8,10 +8,13 @@ describe the FULL sequence on every rank.
 
 `local_attention` is the per-rank kernel: flash-attn when it can run (CUDA, fp16/bf16),
 PyTorch's scaled_dot_product_attention otherwise, so the CPU path never touches CUDA.
+`attention_backend` says which of the two runs and why, for the records.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -21,16 +24,88 @@ from torch import nn
 from isp_core.collectives import _SeqAllToAll
 from isp_core.topology import CommGroup
 
-try:
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-except ImportError:  # CPU-only installs: the SDPA path below is used instead
-    flash_attn_func = flash_attn_varlen_func = None
-
-__all__ = ["local_attention", "expand_kv_heads", "DistributedAttention"]
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
 
-def _flash_usable(q: torch.Tensor) -> bool:
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def _import_flash() -> tuple[Optional[Callable], Optional[Callable], Optional[str], str]:
+    """(flash_attn_func, flash_attn_varlen_func, version, why not) from importing flash-attn.
+
+    Only a missing package is quiet: an installed flash-attn that fails to import (the
+    undefined-symbol ImportError a torch upgrade causes, a CUDA mismatch) is a broken install
+    the user must hear about, not a silent fall back to SDPA.
+    """
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ModuleNotFoundError as err:
+        if err.name != "flash_attn":
+            return None, None, None, _broken(err)
+        return None, None, None, "flash-attn is not installed"
+    except Exception as err:  # noqa: BLE001 - any failure of an installed package is reported
+        return None, None, None, _broken(err)
+    return flash_attn_func, flash_attn_varlen_func, getattr(flash_attn, "__version__", "unknown"), ""
+
+
+def _broken(err: BaseException) -> str:
+    why = f"flash-attn is installed but failed to import: {type(err).__name__}: {err}"
+    warnings.warn(why + " (attention falls back to SDPA unless run.attention is flash)", RuntimeWarning,
+                  stacklevel=3)
+    return why
+
+
+flash_attn_func, flash_attn_varlen_func, FLASH_VERSION, FLASH_MISSING = _import_flash()
+
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "attention_backend", "local_attention",
+           "expand_kv_heads", "DistributedAttention"]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """The kernel `local_attention` will run for a device and dtype, and why."""
+
+    name: str    # "flash" or "sdpa"
+    reason: str  # why this one (when it is sdpa: why not flash)
+
+    def as_record(self) -> dict[str, Optional[str]]:
+        """For env.json and every record; the installed flash-attn version even when unused."""
+        return {"backend": self.name, "reason": self.reason, "flash_attn_version": FLASH_VERSION}
+
+
+def _why_not_flash(device: torch.device, dtype: torch.dtype) -> str:
+    if flash_attn_func is None:
+        return FLASH_MISSING
+    if device.type != "cuda":
+        return f"flash-attn needs a CUDA device, the model is on {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs float16 or bfloat16, the model computes in {str(dtype).removeprefix('torch.')}"
+    return ""
+
+
+def attention_backend(requested: str, device: torch.device | str, dtype: torch.dtype) -> AttentionBackend:
+    """Which kernel runs for `requested` (auto | flash | sdpa) on `device` in `dtype`, and why.
+
+    `flash` raises RuntimeError when flash-attn cannot run there: a cell asking for flash
+    must fail rather than measure SDPA under flash's name.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {requested!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "sdpa":
+        return AttentionBackend("sdpa", "requested (run.attention: sdpa)")
+    why_not = _why_not_flash(torch.device(device), dtype)
+    if not why_not:
+        return AttentionBackend("flash", f"flash-attn {FLASH_VERSION} ({requested})")
+    if requested == "flash":
+        raise RuntimeError(f"run.attention is flash but flash-attn cannot run: {why_not}")
+    return AttentionBackend("sdpa", why_not)
+
+
+def _use_flash(q: torch.Tensor, backend: str) -> bool:
+    if backend == "sdpa":
+        return False
+    why_not = _why_not_flash(q.device, q.dtype)
+    if why_not and backend == "flash":
+        raise RuntimeError(f"attention backend flash cannot run: {why_not}")
+    return not why_not
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -52,28 +127,34 @@ def _document_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                    softmax_scale: Optional[float] = None) -> torch.Tensor:
+                    softmax_scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """Attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D] -> [B, S, Hq, D].
 
     GQA: q head h reads kv head h // (Hq // Hkv). With `cu_seqlens` (document boundaries over
     the flattened B*S tokens, InternEvo's packed layout) a token attends only inside its
-    own document; `max_seqlen` is the longest document (computed when omitted).
+    own document; `max_seqlen` is the longest document, an int computed once per batch
+    (isp_core.data does): the flash path needs it and never reads it back from the device.
+    `backend` (auto | flash | sdpa): see `attention_backend`.
     """
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D or Hq % Hkv:
         raise ValueError(f"local_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} need matching [B, S, ., D] and Hq % Hkv == 0")
-    if _flash_usable(q):  # flash-attn handles GQA itself
+    if _use_flash(q, backend):  # flash-attn handles GQA itself
+        # reshape, not view: flash-attn pads a head dim that is not a multiple of 8 and
+        # returns a slice of its padded output, which is not contiguous.
         if cu_seqlens is None:
-            return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal)
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            out = flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal)
+            return out.reshape(B, S, Hq, D)
         if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
+            raise ValueError("local_attention: packed documents on the flash path need max_seqlen "
+                             "(an int per batch); reading it from cu_seqlens would sync with the host")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # no-op once the batch is on the device
         out = flash_attn_varlen_func(q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D),
                                      v.reshape(B * S, Hkv, D), cu, cu, max_seqlen, max_seqlen,
                                      dropout_p=0.0, softmax_scale=softmax_scale, causal=causal)
-        return out.view(B, S, Hq, D)
+        return out.reshape(B, S, Hq, D)
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=2)  # [B, S, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=2)

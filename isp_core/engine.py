@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -106,7 +107,7 @@ def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetti
             parent = getattr(block, parent_name)
             plain = getattr(parent, attr)
             setattr(parent, attr, WeightParallelLinear(plain.in_features, plain.out_features, topo.wp, device=meta))
-        block.attention.core = DistributedAttention(local_attention, topo.sequence)
+        block.attention.core = DistributedAttention(partial(local_attention, backend=cfg.attention), topo.sequence)
     model.tok_embeddings = ParallelEmbedding(cfg.vocab, cfg.hidden, topo.wp, settings.vocab_parallel_embedding,
                                              device=meta)
     model.output = HeadLinear(cfg.hidden, cfg.vocab, topo.wp, device=meta)

@@ -31,6 +31,7 @@ dispatcher and with isp_core.peer_formula.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -170,7 +171,7 @@ def build_peer_model(strategy: str, cfg: LlamaConfig, topo: ParallelTopology, se
         return ddp
     if strategy == "ulysses":
         for block in model.layers:
-            block.attention.core = DistributedAttention(local_attention, topo.sequence)
+            block.attention.core = DistributedAttention(partial(local_attention, backend=cfg.attention), topo.sequence)
     shard_with_fsdp2(model, topo.world, device)
     return model
 

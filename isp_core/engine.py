@@ -34,6 +34,7 @@ from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerH
 from isp_core.linear import WeightParallelLinear
 from isp_core.loss import vocab_parallel_cross_entropy
 from isp_core.memory_pool import ISPCommModelConfig
+from isp_core.mixed_precision import build_optimizer, check_training_dtype
 from isp_core.model import LlamaConfig, LlamaModel
 from isp_core.topology import ParallelTopology
 
@@ -99,6 +100,7 @@ def _shard_of(full: torch.Tensor, module: nn.Module, topo: ParallelTopology) -> 
 def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(),
                     seed: int = 0, dtype: torch.dtype = torch.float32,
                     device: Optional[torch.device] = None) -> ISPModel:
+    check_training_dtype(dtype)
     device = torch.device(device or "cpu")
     meta = torch.device("meta")
     model = LlamaModel(cfg, device=meta)
@@ -143,25 +145,25 @@ class ISPTrainer:
 
     def __init__(self, isp: ISPModel, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
         self.isp = isp
-        self.optimizer = torch.optim.AdamW(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
+        # bfloat16 shards step through float32 masters and AdamW state (isp_core.mixed_precision).
+        self.optimizer = build_optimizer(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> float:
         """Accumulate the gradients of all micro-steps; returns this data-parallel group's mean loss."""
         isp, topo = self.isp, self.isp.topology
         scale = topo.sp / len(micro_batches)
-        total = 0.0
+        # The vocabulary is split over the sequence group only when the head keeps it sharded.
+        vocab_group = topo.sequence if isp.head_communicator.retain_out_sharded and topo.sp > 1 else None
+        total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].tokens.device)
         for mb in micro_batches:
             isp.scheduler.before_forward()
             logits = isp.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
-            if not isp.head_communicator.retain_out_sharded or topo.sp == 1:
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), mb.labels.flatten())
-            else:
-                loss = vocab_parallel_cross_entropy(logits, mb.labels, topo.sequence).mean()
+            loss = vocab_parallel_cross_entropy(logits, mb.labels, vocab_group).mean()
             isp.scheduler.before_backward()
             (loss * scale).backward()
             isp.scheduler.after_backward()
-            total += loss.item()
-        return total / len(micro_batches)
+            total += loss.detach()  # on the device: no host sync per micro-batch
+        return (total / len(micro_batches)).item()  # the step's one sync
 
     def reduce_gradients(self) -> None:
         """Average shard gradients over the weight-data group and whole ones over the world."""

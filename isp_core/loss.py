@@ -25,7 +25,7 @@ import torch
 from isp_core.collectives import all_reduce_
 from isp_core.topology import CommGroup
 
-CHUNK_BYTES = 256 * 2**20  # float32 working set per chunk: big enough that launches do not matter
+CHUNK_BYTES = 64 * 2**20  # float32 working set per chunk: a few launches per GB of logits
 
 
 def _chunk_rows(width: int, chunk_bytes: int) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.metrics.overlap import comm_time_by_kind, intervals_from_chrome_trace, nccl_bytes_by_kind, overlap_stats
+from bench.metrics.nccl_trace import nccl_bytes_by_kind
+from bench.metrics.overlap import comm_time_by_kind, intervals_from_chrome_trace, overlap_stats
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hta"
 US = 1e-6
@@ -42,6 +43,7 @@ def brute_force(comm: list[tuple[float, float]], compute: list[tuple[float, floa
 
 
 def _spans(kernels: list[dict]) -> list[tuple[float, float]]:
+    """Kernel intervals in seconds, from the microsecond stamps as they are in the file."""
     return [(float(k["ts"]) * US, (float(k["ts"]) + float(k["dur"])) * US) for k in kernels]
 
 
@@ -49,6 +51,8 @@ def _spans(kernels: list[dict]) -> list[tuple[float, float]]:
 def test_overlap_of_real_nccl_trace_equals_brute_force(name: str) -> None:
     trace = _load(name)
     kernels = _kernels(trace)
+    t0 = min(float(k["ts"]) for k in kernels)  # the sweep in microseconds from the first kernel
+    kernels = [{**k, "ts": float(k["ts"]) - t0} for k in kernels]
     nccl = [k for k in kernels if k["name"].startswith("ncclKernel")]
     other = [k for k in kernels if not k["name"].startswith("ncclKernel")]
     comm_len, both = brute_force(_spans(nccl), _spans(other))

@@ -127,7 +127,6 @@ def overlap_stats(comm: Iterable[Interval], compute: Iterable[Interval]) -> dict
 
 # Chrome trace extraction
 
-
 def _complete_events(trace: dict) -> list[dict]:
     """The "X" events, "ts" made relative to the earliest (in place, once): epoch microseconds
     (~1.7e15) in float64 seconds keep only ~0.2 us each, and sums of many kernels drifted."""

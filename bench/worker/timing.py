@@ -149,6 +149,16 @@ def all_ranks_agree(flag: bool, device: torch.device | str | None = None,
     return bool(t.item())
 
 
+def gather_across_ranks(value: float, group: dist.ProcessGroup | None = None) -> list[float]:
+    """Every rank's `value`, in rank order ([value] when torch.distributed is not initialised)."""
+    if not _dist_ready():
+        return [float(value)]
+    t = torch.tensor([value], dtype=torch.float64, device=_reduction_device(group))
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [float(x.item()) for x in out]
+
+
 def reduce_max_across_ranks(samples: list[float], group: dist.ProcessGroup | None = None) -> list[float]:
     """Element-wise max over ranks: out[i] = max_r samples_r[i].
 

@@ -133,13 +133,18 @@ def measure(cell: Cell) -> LocalMeasurement:
     stats.enabled = False  # later phases must not change the per-step counts
     out = LocalMeasurement(timer.samples, RankMeasurement(losses, comm, peak_memory(cell.device)), run.warmup_steps)
     if sampler is not None:
-        # The window's energy over the window's tokens: every measured step's, not one step's.
-        out.rank.nvml = sampler.summary(run.measure_steps, cell.config.tokens_per_step * run.measure_steps)
+        out.rank.nvml = window_summary(sampler, run.measure_steps, cell.config.tokens_per_step)
     out.nvml_off_samples, out.nvml_on_samples = nvml_overhead(cell, sampler, run.warmup_steps)
     if sampler is not None:
         sampler.close()
     out.rank.profile = profile(cell, step)
     return out
+
+
+def window_summary(sampler: NvmlSampler, steps: int, tokens_per_step: int) -> dict[str, Any]:
+    """The sampler's summary of `steps` measured steps: the window's energy over the window's
+    tokens (every measured step's, not one step's), so energy/token = energy/step / tokens/step."""
+    return sampler.summary(steps, tokens_per_step * steps)
 
 
 def nvml_overhead(cell: Cell, sampler: Optional[NvmlSampler], first: int

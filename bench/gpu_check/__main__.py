@@ -19,9 +19,10 @@ from tabulate import tabulate
 from bench.gpu_check.checks import (Check, as_json, attention_checks, cell_record_checks, guarded,
                                     nccl_trace_check, run_bench, scratch_dir)
 
+PROFILE = ["profile.wait=0", "profile.warmup=1", "profile.active=2"]
 # One cell of configs/gpu-single.yaml, shortened so the whole check stays under 5 minutes.
 SINGLE_SETS = ["parallel.overlap=true", "parallel.memory_pool=false", "model.checkpoint=0.0",
-               "run.warmup_steps=2", "run.measure_steps=3", "profile.enabled=true", "profile.active=1",
+               "run.warmup_steps=2", "run.measure_steps=3", "profile.enabled=true", *PROFILE,
                "profile.memory_snapshot=true", "nvml.enabled=true", "run.attention=flash"]
 SINGLE_FILTER = "^ov1-mp0-ck0$"
 # World size 2: the model of the GPU configs cut to 4 layers, a short sequence.
@@ -46,14 +47,14 @@ def single_gpu_checks() -> list[Check]:
 
 def pair_checks() -> list[Check]:
     rows: list[Check] = []
-    isp_sets = PAIR_MODEL + ["parallel.sp=2", "parallel.wp=2", "profile.enabled=true", "profile.active=1"]
+    isp_sets = PAIR_MODEL + ["parallel.sp=2", "parallel.wp=2", "profile.enabled=true", *PROFILE]
     record, tail = run_bench("gpu-single.yaml", isp_sets, SINGLE_FILTER, scratch_dir(), 240)
     rows += guarded("isp world 2", lambda: nccl_trace_check(record, tail, "isp sp=wp=2"))
     coll_sets = ["parallel.world_size=2", "parallel.sp=2", "parallel.wp=2", "collectives.max_bytes=64M"]
-    record, tail = run_bench("collectives-gpu.yaml", coll_sets, None, scratch_dir(), 180)
+    record, tail = run_bench("collectives-gpu.yaml", coll_sets, "^wp2-ao0$", scratch_dir(), 180)
     rows.append(Check("collectives at world size 2", "ok" if record and record.get("status") == "ok" else "FAIL",
                       "" if record else tail[-300:]))
-    peer_sets = PAIR_MODEL + ["parallel.sp=1", "parallel.wp=1", "parallel.strategy=fsdp2", "profile.active=1"]
+    peer_sets = PAIR_MODEL + ["parallel.sp=1", "parallel.wp=1", "parallel.strategy=fsdp2", *PROFILE]
     record, tail = run_bench("peers-gpu.yaml", peer_sets, "fsdp2", scratch_dir(), 240)
     rows += guarded("peers world 2", lambda: nccl_trace_check(record, tail, "fsdp2 world 2"))
     return rows

@@ -7,10 +7,11 @@ losses at the measured steps are compared, per step, with the cell's (the mean o
 data-parallel replicas): |cell - reference| <= REL_TOL[dtype] * |reference|.
 
 Tolerances. float32: 1e-4 (sharded sums reorder float32 additions; seen < 1e-6). bfloat16:
-2e-2: every matmul, all-gather and reduce-scatter rounds to bfloat16 (relative step 2^-8 =
-0.4%), the layouts sum partial results in different orders, and a few AdamW steps carry the
-differences into the weights; a wrong layout (a missed gradient reduction, a misplaced shard)
-moves the loss by far more. Rank 0 runs the reference after all measuring, so it never
+5e-3: every matmul, all-gather and reduce-scatter rounds to bfloat16 (relative step 2^-8), the
+layouts sum partial results in different orders, and AdamW carries the differences into the
+weights, but the loss is a mean over many tokens, which averages the rounding out: a 2-rank
+CPU cell (sp = wp = 2, 3 measured steps) was seen 2e-5 from its bfloat16 reference. Provisional
+on GPUs (different kernels, bigger models): not yet measured there. Rank 0 runs the reference after all measuring, so it never
 touches the timings. `run.check_loss: auto` runs it whenever it is estimated to fit the
 device's free memory (`fits`); otherwise, or when it runs out of memory, the record says why.
 """
@@ -23,7 +24,7 @@ import torch
 
 from bench.config.cell import CellConfig
 
-REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
+REL_TOL = {"float32": 1e-4, "bfloat16": 5e-3}
 HEADROOM = 1.25  # the estimate below is rough: keep a quarter of it spare
 
 

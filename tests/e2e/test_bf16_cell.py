@@ -36,7 +36,7 @@ def test_bf16_cell_records_a_loss_verdict_and_its_attention(tmp_path: Path) -> N
     m = record["metrics"]
     assert "loss_check_skipped" not in m
     assert m["loss_matches_reference"] is True, (m["loss"], m["loss_reference"])
-    assert m["loss_rel_tol"] == 2e-2 and 0 <= m["loss_max_rel_diff"] < 2e-2
+    assert m["loss_rel_tol"] == 5e-3 and 0 <= m["loss_max_rel_diff"] < 5e-3
     assert m["attention"]["backend"] == "sdpa" and m["attention"]["reason"]
     env = json.loads((run_dir / "env.json").read_text())
     assert "flash_attn" in env and (env["flash_attn"] or env["flash_attn_unavailable"])

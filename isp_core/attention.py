@@ -8,6 +8,7 @@ describe the FULL sequence on every rank.
 
 `local_attention` is the per-rank kernel: flash-attn when it can run (CUDA, fp16/bf16),
 PyTorch's scaled_dot_product_attention otherwise, so the CPU path never touches CUDA.
+`attention_backend` says which of the two runs and why, for the records.
 """
 
 from __future__ import annotations
@@ -22,16 +23,12 @@ from torch import nn
 from isp_core.collectives import _SeqAllToAll
 from isp_core.topology import CommGroup, as_comm_group
 
-try:
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-except ImportError:  # CPU-only installs: the SDPA path below is used instead
-    flash_attn_func = flash_attn_varlen_func = None
-
-__all__ = ["local_attention", "expand_kv_heads", "DistributedAttention", "LocalAttention", "attention_packing"]
+from isp_core.attention_backend import (ATTENTION_BACKENDS, AttentionBackend, attention_backend,  # noqa: F401
+                                       flash_attn_func, flash_attn_varlen_func, use_flash)
 
 
-def _flash_usable(q: torch.Tensor) -> bool:
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "attention_backend", "local_attention",
+           "expand_kv_heads", "DistributedAttention", "LocalAttention", "attention_packing"]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -53,28 +50,34 @@ def _document_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                    softmax_scale: Optional[float] = None) -> torch.Tensor:
+                    softmax_scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """Attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D] -> [B, S, Hq, D].
 
     GQA: q head h reads kv head h // (Hq // Hkv). With `cu_seqlens` (document boundaries over
     the flattened B*S tokens, InternEvo's packed layout) a token attends only inside its
-    own document; `max_seqlen` is the longest document (computed when omitted).
+    own document; `max_seqlen` is the longest document, an int computed once per batch
+    (isp_core.data does): the flash path needs it and never reads it back from the device.
+    `backend` (auto | flash | sdpa): see `attention_backend`.
     """
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D or Hq % Hkv:
         raise ValueError(f"local_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} need matching [B, S, ., D] and Hq % Hkv == 0")
-    if _flash_usable(q):  # flash-attn handles GQA itself
+    if use_flash(q, backend):  # flash-attn handles GQA itself
+        # reshape, not view: flash-attn pads a head dim that is not a multiple of 8 and
+        # returns a slice of its padded output, which is not contiguous.
         if cu_seqlens is None:
-            return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal)
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            out = flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal)
+            return out.reshape(B, S, Hq, D)
         if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
+            raise ValueError("local_attention: packed documents on the flash path need max_seqlen "
+                             "(an int per batch); reading it from cu_seqlens would sync with the host")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # no-op once the batch is on the device
         out = flash_attn_varlen_func(q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D),
                                      v.reshape(B * S, Hkv, D), cu, cu, max_seqlen, max_seqlen,
                                      dropout_p=0.0, softmax_scale=softmax_scale, causal=causal)
-        return out.view(B, S, Hq, D)
+        return out.reshape(B, S, Hq, D)
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=2)  # [B, S, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=2)
@@ -126,15 +129,15 @@ class LocalAttention(nn.Module):
       (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
     each -> [B, S, H, D]; `causal` and `softmax_scale` from the constructor unless given as
-    keywords. `cu_seqlens`/`max_seqlen` are also accepted for the q/kv forms. Self-attention
+    keywords; `backend` (auto | flash | sdpa) picks the kernel, see `attention_backend`. `cu_seqlens`/`max_seqlen` are also accepted for the q/kv forms. Self-attention
     only: q and k share their document boundaries.
     """
 
     is_attn_cls = True  # InternEvo's mark: launch_allgather_before="attn" finds the module by it
 
-    def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None) -> None:
+    def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None, backend: str = "auto") -> None:
         super().__init__()
-        self.causal, self.softmax_scale = causal, softmax_scale
+        self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         packing = attention_packing(args, kwargs)
@@ -159,7 +162,7 @@ class LocalAttention(nn.Module):
         causal, scale = kwargs.get("causal"), kwargs.get("softmax_scale")
         return local_attention(q, k, v, causal=self.causal if causal is None else causal,
                                cu_seqlens=cu, max_seqlen=max_len,
-                               softmax_scale=self.softmax_scale if scale is None else scale)
+                               softmax_scale=self.softmax_scale if scale is None else scale, backend=self.backend)
 
 
 def _self_attention_bounds(kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[int]]:

@@ -35,6 +35,7 @@ from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerH
 from isp_core.linear import WeightParallelLinear
 from isp_core.loss import vocab_parallel_cross_entropy
 from isp_core.memory_pool import ISPCommModelConfig, MemoryPool
+from isp_core.mixed_precision import build_optimizer, check_training_dtype
 from isp_core.model import LlamaConfig, LlamaModel
 from isp_core.topology import ParallelTopology
 
@@ -108,6 +109,7 @@ def _shard_of(full: torch.Tensor, module: nn.Module, topo: ParallelTopology) -> 
 def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(),
                     seed: int = 0, dtype: torch.dtype = torch.float32,
                     device: Optional[torch.device] = None) -> ISPModel:
+    check_training_dtype(dtype)
     device = torch.device(device or "cpu")
     meta = torch.device("meta")
     model = LlamaModel(cfg, device=meta)
@@ -155,7 +157,8 @@ class ISPTrainer:
 
     def __init__(self, isp: ISPModel, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
         self.isp = isp
-        self.optimizer = torch.optim.AdamW(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
+        # bfloat16 shards step through float32 masters and AdamW state (isp_core.mixed_precision).
+        self.optimizer = build_optimizer(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     @property
     def memory_pool(self) -> Optional[MemoryPool]:
@@ -164,8 +167,8 @@ class ISPTrainer:
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> float:
         """Accumulate the gradients of all micro-steps; returns this data-parallel group's mean loss."""
-        isp, topo = self.isp, self.isp.topology
-        total = 0.0
+        isp = self.isp
+        total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].tokens.device)
         for mb in micro_batches:
             isp.scheduler.before_forward()
             logits = isp.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
@@ -173,19 +176,20 @@ class ISPTrainer:
             isp.scheduler.before_backward()
             (loss * scale / len(micro_batches)).backward()
             isp.scheduler.after_backward()
-            total += loss.item()
-        return total / len(micro_batches)
+            total += loss.detach()  # on the device: no host sync per micro-batch
+        return (total / len(micro_batches)).item()  # the step's one sync
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The micro-batch loss this rank reports, and the factor its backward takes (see the
         module docstring: sp for the sequence group's mean, 1 for this rank's own tokens)."""
         comm, group = self.isp.head_communicator, self.isp.topology.sequence
+        # vocab_parallel_cross_entropy with no group is the memory-lean loss of whole-vocabulary logits.
         if not comm.vocab_parallel_loss:  # gathered head: [B, S/sp, V] for this rank's tokens
             part = labels.shape[1] // group.size
             own = labels[:, group.rank * part:(group.rank + 1) * part]
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), own.flatten()), 1
+            return vocab_parallel_cross_entropy(logits, own, None).mean(), 1
         if not comm.retain_out_sharded or group.size == 1:  # [B, S, V] on every rank
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), group.size
+            return vocab_parallel_cross_entropy(logits, labels, None).mean(), group.size
         return vocab_parallel_cross_entropy(logits, labels, group).mean(), group.size
 
     def reduce_gradients(self) -> None:

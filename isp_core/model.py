@@ -17,7 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
-from isp_core.attention import LocalAttention
+from isp_core.attention import ATTENTION_BACKENDS, LocalAttention
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,11 @@ class LlamaConfig:
     checkpoint: float = 0.0  # fraction of blocks, from the first, recomputed in backward
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    attention: str = "auto"  # local attention kernel: auto | flash | sdpa (isp_core.attention)
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"hidden={self.hidden} must divide by heads={self.heads} and heads "
                              f"by kv_heads={self.kv_heads}")
@@ -81,7 +84,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden, qkv_out, bias=False, device=device)
         # InternEvo's contract: core(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
         # the ISP form wraps this same module in DistributedAttention.
-        self.core: nn.Module = LocalAttention(causal=True)
+        self.core: nn.Module = LocalAttention(causal=True, backend=cfg.attention)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor],

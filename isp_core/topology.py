@@ -10,6 +10,8 @@ columns of those grids. With 8 ranks, sp=2, wp=4:
     weight-data {0,4} {1,5} {2,6} {3,7}        same grid, columns
 
 Nothing here is global: a `ParallelTopology` is built once and passed to whoever needs it.
+Every group of every kind is its own process group (its own NCCL communicator and stream),
+never the default WORLD group, which the benchmark keeps for its own barriers.
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ class ParallelTopology:
                 pg = None
                 if len(ranks) > 1:
                     # Every rank takes part in creating every group, as new_group requires.
-                    pg = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
+                    # Each logical group gets its own communicator even when its ranks are
+                    # the whole world (or equal another group's): reusing WORLD would put
+                    # weight all-gathers, attention all-to-alls and loss all-reduces on one
+                    # NCCL communicator and stream, unlike InternEvo, so layouts would
+                    # differ in more than their sizes.
+                    pg = dist.new_group(ranks)
                 if rank in ranks:
                     mine = CommGroup(name, tuple(ranks), ranks.index(rank), pg, self.stats)
             assert mine is not None, f"rank {rank} is in no {name} group"

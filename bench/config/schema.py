@@ -28,6 +28,7 @@ ELEMENT_SIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # by
 WORLD = "world"
 # What a cell runs: training steps, or nccl-tests-style collective sweeps (docs/collectives.md).
 KINDS: tuple[str, ...] = ("training", "collectives")
+ATTENTION: tuple[str, ...] = ("auto", "flash", "sdpa")  # isp_core.attention.ATTENTION_BACKENDS
 COLLECTIVE_OPS: tuple[str, ...] = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
 COLLECTIVE_GROUPS: tuple[str, ...] = ("weight", "sequence", "world")
 # ISP's variants (isp_core names them too; repeated here so the config layer needs no torch).
@@ -246,14 +247,17 @@ class RunConfig(Section):
     kind: str = _f("training", "str", "what the cell runs: training steps or collective sweeps", choices=KINDS)
     device: str = _f("cpu", "str", "where ranks compute", choices=DEVICES)
     backend: str = _f("gloo", "str", "torch.distributed backend", choices=BACKENDS)
-    dtype: str = _f("float32", "str", "compute dtype", choices=DTYPES)
+    dtype: str = _f("float32", "str", "compute dtype (bfloat16: fp32 masters; float16: collectives only)", choices=DTYPES)
+    attention: str = _f("auto", "str", "attention kernel: auto (flash when it runs), flash, sdpa", choices=ATTENTION)
     warmup_steps: int = _f(2, "int", "steps run before timing", lo=0)
     measure_steps: int = _f(5, "int", "timed steps", lo=1)
     timeout_s: float = _f(600.0, "float", "wall-clock limit of the cell's torchrun job", gt=0.0)
     lr: float = _f(1e-3, "float", "AdamW learning rate", lo=0.0)
-    peak_tflops: float | None = _f(None, "float", "device peak for MFU; null: the device's table", gt=0.0,
+    peak_tflops: float | None = _f(None, "float", "device peak for MFU; null: the GPU's table entry (a GPU "
+                                                  "not in the table gets mfu null, with the reason)", gt=0.0,
                                      nullable=True)
-    check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-rank fp32 run; auto: on cpu in float32")
+    check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-process run in the same dtype; auto: "
+                                              "whenever the reference fits the device, else the record says why")
 
 
 @dataclass(frozen=True)

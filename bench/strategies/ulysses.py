@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from bench.strategies import peer_formula
-from bench.strategies.fsdp2 import shard_with_fsdp2
+from bench.strategies.fsdp2 import master_model, shard_with_fsdp2
 from bench.strategies.peer_trainer import PeerTrainer
 from isp_core.attention import DistributedAttention
 from isp_core.data import DataSpec
@@ -26,9 +26,10 @@ def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetting
     device = torch.device(device or "cpu")
     model = build_reference_model(cfg, seed, dtype, device)
     if topo.world_size > 1:
+        model = master_model(model)
         for block in model.layers:
             block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
-        shard_with_fsdp2(model, topo.world, device)
+        shard_with_fsdp2(model, topo.world, device, dtype)
     return PeerTrainer(model, "ulysses", topo, lr)
 
 

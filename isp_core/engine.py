@@ -164,7 +164,7 @@ class ISPTrainer:
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> float:
         """Accumulate the gradients of all micro-steps; returns this data-parallel group's mean loss."""
-        isp, topo = self.isp, self.isp.topology
+        isp = self.isp
         total = 0.0
         for mb in micro_batches:
             isp.scheduler.before_forward()

@@ -46,20 +46,23 @@ OPTIONS += [("block", "layer", "wo", 1 / 3, True), ("module", "module", "wo", 2 
             ("block", "module", "wo", 1.0, True), ("module", "layer", "w1", 1 / 3, True)]
 
 
-def test_event_order_for_every_prefetch_option() -> None:
-    results = run_ranks(2, variant_cases.record_events, OPTIONS)
-    assert results[0] == results[1]
-    for (unit, per, launch, ckpt_blocks), events in results[0]:
+@pytest.fixture(scope="module")
+def recorded() -> list:
+    """One micro-step's schedule for every option, on each of 2 ranks (one spawn for both tests)."""
+    return run_ranks(2, variant_cases.record_events, OPTIONS)
+
+
+def test_event_order_for_every_prefetch_option(recorded: list) -> None:
+    assert recorded[0] == recorded[1]
+    for (unit, per, launch, ckpt_blocks), events in recorded[0]:
         want = variant_cases.expected_events(3, ckpt_blocks, unit, per, launch)
         assert events == want, (f"{unit}/{per}/{launch} ckpt_blocks={ckpt_blocks}: first difference at "
                                 f"{next((i, e, w) for i, (e, w) in enumerate(zip(events, want)) if e != w)}")
 
 
-def test_prefetch_options_move_the_launch_point() -> None:
+def test_prefetch_options_move_the_launch_point(recorded: list) -> None:
     """Hand-checked facts the schedule generator must also satisfy (no recompute)."""
-    results = dict(run_ranks(2, variant_cases.record_events,
-                             [("module", "layer", launch, 0.0, False) for launch in ("wqkv", "attn", "wo", "w1")]
-                             + [("block", "layer", "wo", 0.0, False), ("module", "module", "wo", 0.0, False)])[0])
+    results = dict(recorded[0])
     for launch, before, after in (("wqkv", None, "0.attention.wqkv"), ("attn", "0.attention.wqkv", "0.attention.wo"),
                                   ("wo", "0.attention.wqkv", "0.attention.wo"),
                                   ("w1", "0.attention.wo", "0.feed_forward.w1")):
@@ -93,8 +96,9 @@ def test_counted_bytes_equal_formula_for_each_variant() -> None:
     assert gathered["all_to_all"]["calls"] == 6 * 3 and "all_reduce" not in gathered
 
 
-def test_seed_calling_conventions_with_a_process_group() -> None:
-    calls = run_ranks(2, variant_cases.seed_conventions)[0]
+def test_seed_calling_conventions_and_process_groups() -> None:
+    results = run_ranks(2, variant_cases.process_group_cases)
+    calls = results[0]["attention"]
     # what the local attention receives: sequence whole (16), heads split over sp=2
     assert calls["qkv/False"] == [([(1, 16, 3, 2, 8)], [])]
     assert calls["q_kv/False"] == [([(1, 16, 2, 8), (1, 16, 2, 1, 8)], [])]
@@ -104,11 +108,9 @@ def test_seed_calling_conventions_with_a_process_group() -> None:
     assert calls["q_k_v/True"] == [([(1, 16, 2, 8), (1, 16, 1, 8), (1, 16, 1, 8), (4,), (4,), 6, 6], [])]
     assert calls["q_kv_keywords/True"][0][1] == ["cu_seqlens_k", "cu_seqlens_q", "max_seqlen_k", "max_seqlen_q"]
     assert calls["seq_all_to_all_shape"] == (1, 4, 2, 1)
-
-
-def test_communicators_accept_process_groups() -> None:
-    for result in run_ranks(2, variant_cases.communicators_take_process_groups):
-        assert result == {"same": True, "size": 2}
+    # ISPCommunicator, head and embedding communicators on plain ProcessGroups train alike
+    for result in results:
+        assert result["communicators"] == {"same": True, "size": 2}
 
 
 @pytest.mark.parametrize("kwargs, match", [({"wp_unit": "layer"}, "wp_unit"),

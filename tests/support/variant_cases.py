@@ -237,3 +237,9 @@ def communicators_take_process_groups(rank: int, world_size: int) -> dict:
     same = all(torch.allclose(torch.tensor(grads[0][n]), torch.tensor(grads[1][n]), rtol=1e-6, atol=1e-8)
                for n in grads[0])
     return {"same": same, "size": isp.communicator.process_group.size}
+
+
+def process_group_cases(rank: int, world_size: int) -> dict:
+    """Both ProcessGroup checks in one spawn."""
+    return {"attention": seed_conventions(rank, world_size),
+            "communicators": communicators_take_process_groups(rank, world_size)}

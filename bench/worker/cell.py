@@ -30,7 +30,7 @@ from bench.worker.profiling import Profiler, dump_memory_snapshot, start_memory_
 from bench.worker.timing import StepTimer, all_ranks_agree, reduce_max_across_ranks
 from isp_core.attention import attention_backend
 from isp_core.data import DataSpec, MicroBatch, micro_batches
-from isp_core.engine import ISPSettings
+from bench.strategies.isp import settings_from
 from isp_core.topology import ParallelTopology
 
 NVML_OVERHEAD_STEPS = 3
@@ -74,7 +74,7 @@ def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device)
     attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])
     print(f"attention: {attention.name} ({attention.reason})", flush=True)
     topo = ParallelTopology.from_env(p.sp, p.wp)
-    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, ISPSettings(p.overlap, p.memory_pool),
+    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
                                        seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
                                        lr=config.run.lr)
     print(f"strategy {p.strategy}; {topo}", flush=True)

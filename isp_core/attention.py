@@ -20,15 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# The backend names are re-exported here, where users of the attention look for them.
+from isp_core.attention_backend import (ATTENTION_BACKENDS, FLASH_MISSING, FLASH_VERSION, AttentionBackend,  # noqa: F401
+                                        attention_backend, flash_attn_func, flash_attn_varlen_func, use_flash)
 from isp_core.collectives import _SeqAllToAll
 from isp_core.topology import CommGroup, as_comm_group
 
-from isp_core.attention_backend import (ATTENTION_BACKENDS, AttentionBackend, attention_backend,  # noqa: F401
-                                       flash_attn_func, flash_attn_varlen_func, use_flash)
-
-
-__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "attention_backend", "local_attention",
-           "expand_kv_heads", "DistributedAttention", "LocalAttention", "attention_packing"]
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "attention_backend", "local_attention", "expand_kv_heads",
+           "DistributedAttention", "LocalAttention", "attention_packing"]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -129,7 +128,7 @@ class LocalAttention(nn.Module):
       (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
     each -> [B, S, H, D]; `causal` and `softmax_scale` from the constructor unless given as
-    keywords; `backend` (auto | flash | sdpa) picks the kernel, see `attention_backend`. `cu_seqlens`/`max_seqlen` are also accepted for the q/kv forms. Self-attention
+    keywords. `cu_seqlens`/`max_seqlen` are also accepted for the q/kv forms. Self-attention
     only: q and k share their document boundaries.
     """
 

@@ -1,6 +1,9 @@
-"""Which attention kernel runs, and why: flash-attn where it can (CUDA, fp16/bf16), PyTorch's
-SDPA otherwise. Only a missing flash-attn is quiet; a broken install is reported, and a cell
-that asks for flash fails rather than measure SDPA under flash's name."""
+"""Which local attention kernel runs, and why: flash-attn when it can (installed, importable,
+CUDA, fp16/bf16), PyTorch SDPA otherwise, or what `run.attention` asks for.
+
+Only a missing flash-attn is quiet; one that is installed but fails to import is reported
+(a warning, and the reason in every record), never silently replaced by SDPA.
+"""
 
 from __future__ import annotations
 

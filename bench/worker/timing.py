@@ -116,7 +116,7 @@ class StepTimer:
     def _barrier(self) -> None:
         if not _dist_ready():
             return
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and "nccl" in str(dist.get_backend(self.group)).lower():
             # NCCL's barrier is an all-reduce on the device; synchronising after it makes the
             # host wait until every rank has arrived, so no rank's start event runs early.
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.records import load_run, metric_samples, metric_value
+from bench.results.records import load_run, metric_samples, metric_value
 from bench.results.changepoint import DetectorSettings, evaluate_splits, latest_change
-from bench.verdict import METRICS_BY_NAME, judge
+from bench.results.verdict import METRICS_BY_NAME, judge
 
 SHIFTS = (0.03, 0.05, 0.10, 0.20)
 STEP = METRICS_BY_NAME["step_time_s"]

@@ -140,3 +140,20 @@ def test_history_keeps_run_metadata_and_migrates_old_dbs(tmp_path: Path) -> None
         assert conn.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
         statuses = conn.execute("SELECT cell, status FROM cell_status ORDER BY cell").fetchall()
     assert len(statuses) == 4 and {s for _, s in statuses} == {"ok"}
+
+
+def test_history_detect_and_plot_mark_the_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs, db = nights(tmp_path, [1.0] * 8 + [1.25] * 4), tmp_path / "h.sqlite"
+    for run in runs:
+        history.record_run(db, run)
+    assert main(["history", "detect", "--db", str(db), "--format", "json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    steps = [f for f in found if f["metric"] == "step_time_s"]
+    assert len(steps) == 4 and {(f["start_run"], f["kind"], f["index"]) for f in steps} == {(runs[8].name, "regression", 8)}
+    assert not [f for f in found if f["metric"] == "peak_memory_bytes"]  # constant: no change
+    assert main(["history", "detect", "--db", str(db)]) == 0
+    assert runs[8].name in capsys.readouterr().out
+    out = tmp_path / "plots"
+    assert main(["history", "plot", "--db", str(db), "--config", "nightly", "--metric", "step_time_s",
+                 "--cell", "ws2_overlap-on", "--out", str(out)]) == 0
+    assert (out / "trend_ws2_overlap-on_step_time_s.png").stat().st_size > 0

@@ -47,7 +47,7 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=_alpha, default=d.alpha,
                    help=f"largest corrected p-value of a change point (default {d.alpha:g})")
     p.add_argument("--min-effect", type=_percent, default=d.min_effect, metavar="PCT",
-                   help=f"smallest relative change reported (default {d.min_effect:.0%})")
+                   help=f"smallest relative change reported, in percent (default {d.min_effect * 100:g})")
 
 
 def detector_settings(args: argparse.Namespace) -> DetectorSettings:

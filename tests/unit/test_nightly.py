@@ -117,6 +117,7 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "results.jsonl:1: record lacks required key(s): status" in capsys.readouterr().err
     assert main(["nightly", "--run", str(run), "--min-history", "0"]) == 2
     assert main(["nightly", "config.yaml", "--run", str(run)]) == 2
+    assert main(["nightly", "--help"]) == 0 and main(["history", "detect", "--help"]) == 0
     db.write_text("not a database")
     good = nights(tmp_path / "b", [1.0])[0]
     assert nightly(good, db) == 2

@@ -195,21 +195,22 @@ def latest_change(values: Sequence[float], settings: DetectorSettings | None = N
                   ) -> ChangePoint | None:
     """A change point that started within the last `recent` values, else None.
 
-    A nightly is judged by this. Older change points (binary segmentation over the whole
-    series) only fix where the current baseline begins; the recent nights are then tested
-    against that baseline alone, so the Bonferroni factor is `recent`, not the series
-    length, and a step is caught on its first night or two. A change is news while it is
-    recent; older ones stay listed by `history detect` but no longer fail every nightly.
+    A nightly is judged by this. Tonight's question is whether the newest nights that can
+    confirm a change (`min_tail` of them) have left the level since the last older change
+    point: one split, tested on its own (no Bonferroni factor), so a step is caught on its
+    second night. A change already established by binary segmentation over the whole
+    series stays news while it started within the last `recent` values; older ones stay
+    listed by `history detect` but no longer fail every nightly.
     """
     s = settings or DetectorSettings()
     series = _Series(values, s)
     if series.n < 2:
         return None
-    older = [p for p in series.prune(series.segment(0, series.n)) if p.index < series.n - recent]
+    points = series.prune(series.segment(0, series.n))
+    k = series.n - s.min_tail
+    older = [p for p in points if p.index < k]
     a = older[-1].index if older else 0
-    ks = range(max(a + s.min_segment, series.n - recent), series.n - s.min_tail + 1)
-    if not ks:
-        return None
-    k = max(ks, key=lambda j: abs(series._mean(j, series.n) - series._mean(a, j))
-            * math.sqrt((j - a) * (series.n - j) / (series.n - a)))
-    return series.test(a, k, series.n, len(ks))
+    fresh = series.test(a, k, series.n, 1) if k - a >= s.min_segment else None
+    if fresh is not None:
+        return fresh
+    return points[-1] if points and points[-1].index >= series.n - recent else None

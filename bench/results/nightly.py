@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.results.history import (MATCHES_FORMULA, DbLike, HistoryPoint, cell_devices, connect, history_points,
-                                   ok_before, series_keys)
+                                   list_runs, ok_before, series_keys)
 from bench.results.records import Run
 from bench.results.changepoint import ChangePoint, DetectorSettings, detect, latest_change
 from bench.results.verdict import METRICS, METRICS_BY_NAME
@@ -49,6 +49,8 @@ class Change:
     after: float
     rel_change: float
     confidence: float
+    # Run metadata that differs between the start run and the run before it: {key: [before, after]}.
+    changed: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,19 @@ def _worse(metric: str, rel_change: float) -> bool:
     return (rel_change > 0) != higher_is_better
 
 
-def _change(points: list[HistoryPoint], cp: ChangePoint) -> Change:
+ENV_COLUMNS = ("git_commit", "torch", "cuda", "nccl", "driver", "gpu", "gpu_count", "nnodes", "hostname")
+Runs = dict[int, dict[str, Any]]  # list_runs() rows by run id
+
+
+def _change(points: list[HistoryPoint], cp: ChangePoint, runs: Runs | None = None) -> Change:
+    """The change as reported, with what else changed that night (the commit, torch, the driver...)."""
     start = points[cp.index]
-    return Change(start.run_name, start.utc, cp.before, cp.after, cp.rel_change, cp.confidence)
+    changed: dict[str, list[Any]] = {}
+    if runs and cp.index > 0:
+        a, b = runs.get(points[cp.index - 1].run_id), runs.get(start.run_id)
+        if a and b:
+            changed = {k: [a.get(k), b.get(k)] for k in ENV_COLUMNS if a.get(k) != b.get(k)}
+    return Change(start.run_name, start.utc, cp.before, cp.after, cp.rel_change, cp.confidence, changed)
 
 
 def exact_change(values: list[float]) -> ChangePoint | None:
@@ -114,13 +126,13 @@ def exact_change(values: list[float]) -> ChangePoint | None:
 
 
 def judge_series(points: list[HistoryPoint], cell: str, metric: str, exact: bool,
-                 settings: NightlySettings) -> SeriesVerdict:
+                 settings: NightlySettings, runs: Runs | None = None) -> SeriesVerdict:
     """points: oldest first, the judged run last."""
     values = [p.value for p in points]
     check, earlier = ("exact" if exact else "change point"), len(points) - 1
     if metric == MATCHES_FORMULA and values[-1] != 1.0:  # wrong tonight whatever the history
         cp = exact_change(values) or ChangePoint(0, 1.0, values[-1], -1.0, 0.0)
-        return SeriesVerdict(cell, metric, check, "regression", earlier, values[-1], _change(points, cp),
+        return SeriesVerdict(cell, metric, check, "regression", earlier, values[-1], _change(points, cp, runs),
                              "counted bytes differ from the formula")
     if earlier < settings.min_history:
         return SeriesVerdict(cell, metric, check, "too little history", earlier, values[-1],
@@ -133,7 +145,7 @@ def judge_series(points: list[HistoryPoint], cell: str, metric: str, exact: bool
     if cp is None:
         return SeriesVerdict(cell, metric, check, "no change", earlier, values[-1])
     status = "regression" if _worse(metric, cp.rel_change) else "improvement"
-    return SeriesVerdict(cell, metric, check, status, earlier, values[-1], _change(points, cp))
+    return SeriesVerdict(cell, metric, check, status, earlier, values[-1], _change(points, cp, runs))
 
 
 def _device(record: dict[str, Any]) -> str:
@@ -167,6 +179,7 @@ def judge_run(db: Path, run: Run, settings: NightlySettings) -> NightlyResult:
 
 def _judge_run(db: sqlite3.Connection, run: Run, settings: NightlySettings) -> NightlyResult:
     verdicts, failed = [], []
+    runs = {r["id"]: r for r in list_runs(db)}
     for cell, record in run.records.items():
         if record.get("status") != "ok":
             failed.append((cell, str(record.get("status")), ok_before(db, cell, run.config_name, run.path, run.utc)))
@@ -174,7 +187,7 @@ def _judge_run(db: sqlite3.Connection, run: Run, settings: NightlySettings) -> N
         for metric, exact in judged_metrics(_device(record)):
             points = series_upto(db, run, cell, metric)
             if points:
-                verdicts.append(judge_series(points, cell, metric, exact, settings))
+                verdicts.append(judge_series(points, cell, metric, exact, settings, runs))
     return NightlyResult(run.name, run.config_name, settings, verdicts, failed)
 
 
@@ -189,6 +202,7 @@ def detect_all(db: Path, settings: DetectorSettings) -> list[dict[str, Any]]:
 
 def _detect_all(db: sqlite3.Connection, settings: DetectorSettings) -> list[dict[str, Any]]:
     found = []
+    runs = {r["id"]: r for r in list_runs(db)}
     devices: dict[str, dict[str, str]] = {}
     for config, cell, metric in series_keys(db):
         device = devices.setdefault(config, cell_devices(db, config)).get(cell, "")
@@ -201,7 +215,7 @@ def _detect_all(db: sqlite3.Connection, settings: DetectorSettings) -> list[dict
             found.append({"config_name": config, "cell": cell, "metric": metric, "runs": len(points),
                           "check": "exact" if exact else "change point",
                           "kind": "regression" if _worse(metric, cp.rel_change) else "improvement",
-                          "index": cp.index, **asdict(_change(points, cp))})
+                          "index": cp.index, **asdict(_change(points, cp, runs))})
     return found
 
 

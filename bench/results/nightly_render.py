@@ -18,12 +18,21 @@ def fmt(metric: str, value: float | None) -> str:
     return spec.format(value) if spec else f"{value:.6g}"
 
 
+def what_changed(changed: dict[str, list[Any]]) -> str:
+    """'git_commit 1111111111 -> 2222222222; torch 2.6 -> 2.7', or '-'."""
+    def short(key: str, value: Any) -> str:
+        return str(value)[:10] if key == "git_commit" and value else str(value)
+
+    parts = [f"{k} {short(k, a)} -> {short(k, b)}" for k, (a, b) in changed.items()]
+    return "; ".join(parts) or "-"
+
+
 def _change_cells(v: SeriesVerdict) -> list[str]:
     c = v.change
     if c is None:
-        return ["-", "-", "-", "-"]
+        return ["-", "-", "-", "-", "-"]
     return [c.start_run, f"{fmt(v.metric, c.before)} -> {fmt(v.metric, c.after)}", f"{c.rel_change:+.1%}",
-            "exact" if v.check == "exact" else f"{c.confidence:.4f}"]
+            "exact" if v.check == "exact" else f"{c.confidence:.4f}", what_changed(c.changed)]
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -43,7 +52,8 @@ def render_md(result: NightlyResult) -> str:
         picked = [v for v in result.verdicts if v.status == status]
         if picked:
             lines += [f"## {title}", ""]
-            lines += _md_table(["cell", "metric", "started at run", "level", "change", "confidence"],
+            lines += _md_table(["cell", "metric", "started at run", "level", "change", "confidence",
+                                "what else changed that night"],
                                [[v.cell, v.metric, *_change_cells(v)] for v in picked])
             lines.append("")
     if result.failed_cells:
@@ -68,6 +78,6 @@ def render_detect_table(found: list[dict[str, Any]]) -> str:
         return "no change points"
     rows = [[f["config_name"], f["cell"], f["metric"], f["kind"], f["start_run"],
              f"{fmt(f['metric'], f['before'])} -> {fmt(f['metric'], f['after'])}",
-             f"{f['rel_change']:+.1%}", f"{f['confidence']:.4f}"] for f in found]
+             f"{f['rel_change']:+.1%}", f"{f['confidence']:.4f}", what_changed(f["changed"])] for f in found]
     return tabulate(rows, headers=["config", "cell", "metric", "kind", "started at run", "level", "change",
-                                   "confidence"], disable_numparse=True)
+                                   "confidence", "what else changed"], disable_numparse=True)

@@ -62,7 +62,10 @@ def test_slowdown_names_the_night_it_started(tmp_path: Path, capsys: pytest.Capt
     assert all(0.2 < s["change"]["rel_change"] < 0.3 and s["change"]["confidence"] > 0.999 for s in slow)
     faster = [s for s in doc["series"] if s["metric"] == "tokens_per_s"]
     assert all(s["status"] == "regression" for s in faster)  # fewer tokens/s is worse too
-    assert "## Regressions" in (runs[9] / "nightly.md").read_text()
+    # laid beside what changed that night: night 9 ran commit 999..., night 8 commit 888...
+    assert {json.dumps(s["change"]["changed"]) for s in slow} == {json.dumps({"git_commit": ["8" * 40, "9" * 40]})}
+    md = (runs[9] / "nightly.md").read_text()
+    assert "## Regressions" in md and "git_commit 8888888888 -> 9999999999" in md
 
 
 def test_speedup_is_an_improvement_not_a_failure(tmp_path: Path) -> None:

@@ -27,12 +27,18 @@ def what_changed(changed: dict[str, list[Any]]) -> str:
     return "; ".join(parts) or "-"
 
 
+def confidence(value: float) -> str:
+    """1 - p, written so a p of 1e-7 does not print as a bare 1.0000."""
+    p = 1.0 - value
+    return f"{value:.4f}" if p >= 1e-4 else f"1 - {p:.1e}"
+
+
 def _change_cells(v: SeriesVerdict) -> list[str]:
     c = v.change
     if c is None:
         return ["-", "-", "-", "-", "-"]
     return [c.start_run, f"{fmt(v.metric, c.before)} -> {fmt(v.metric, c.after)}", f"{c.rel_change:+.1%}",
-            "exact" if v.check == "exact" else f"{c.confidence:.4f}", what_changed(c.changed)]
+            "exact" if v.check == "exact" else confidence(c.confidence), what_changed(c.changed)]
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -78,6 +84,6 @@ def render_detect_table(found: list[dict[str, Any]]) -> str:
         return "no change points"
     rows = [[f["config_name"], f["cell"], f["metric"], f["kind"], f["start_run"],
              f"{fmt(f['metric'], f['before'])} -> {fmt(f['metric'], f['after'])}",
-             f"{f['rel_change']:+.1%}", f"{f['confidence']:.4f}", what_changed(f["changed"])] for f in found]
+             f"{f['rel_change']:+.1%}", confidence(f["confidence"]), what_changed(f["changed"])] for f in found]
     return tabulate(rows, headers=["config", "cell", "metric", "kind", "started at run", "level", "change",
                                    "confidence", "what else changed"], disable_numparse=True)

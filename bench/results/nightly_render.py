@@ -84,6 +84,6 @@ def render_detect_table(found: list[dict[str, Any]]) -> str:
         return "no change points"
     rows = [[f["config_name"], f["cell"], f["metric"], f["kind"], f["start_run"],
              f"{fmt(f['metric'], f['before'])} -> {fmt(f['metric'], f['after'])}",
-             f"{f['rel_change']:+.1%}", confidence(f["confidence"]), what_changed(f["changed"])] for f in found]
+             f"{f['rel_change']:+.1%}", "exact" if f["check"] == "exact" else confidence(f["confidence"]), what_changed(f["changed"])] for f in found]
     return tabulate(rows, headers=["config", "cell", "metric", "kind", "started at run", "level", "change",
                                    "confidence", "what else changed"], disable_numparse=True)

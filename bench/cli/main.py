@@ -24,7 +24,7 @@ from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions
 from bench.config.matrix import BenchConfig, Cell, load_config
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
-SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history"}
+SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history", "nightly": "bench.cli.nightly"}
 WORKER_ENV = "ISP_BENCH_WORKER"  # module run by torchrun per cell; tests point it at a stand-in
 
 
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_bench.py",
         description="Run an ISP Bench sweep: one torchrun job per cell of a YAML matrix. "
-                    "Also: run_bench.py compare ..., run_bench.py history ...",
+                    "Also: run_bench.py compare ..., run_bench.py history ..., run_bench.py nightly ...",
         epilog="Keys are documented in docs/config.md. Exit: 0 ok, 1 a cell failed, 2 config error, 130 interrupted.")
     p.add_argument("config", nargs="?", type=Path, help="YAML sweep (default: the embedded bench/default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -74,6 +74,11 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
 
 
 def _run(args: argparse.Namespace, command_line: list[str]) -> int:
+    return run_sweep(args, command_line)[0]
+
+
+def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, Path | None]:
+    """Run (or resume) the sweep the parsed arguments name: (exit code, run folder; None on --dry-run)."""
     opts = _options(args)
     if args.link_profile is not None and not roofline.load_curves(args.link_profile):
         why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
@@ -88,15 +93,15 @@ def _run(args: argparse.Namespace, command_line: list[str]) -> int:
         cells = list(bench.cells)
     if args.dry_run:
         _print_cells(bench, cells)
-        return 0
+        return 0, None
     if args.resume is None:
         run_dir = runner.new_run_dir(args.results_dir, bench.name)
-        runner.prepare(run_dir, bench, command_line)
+        runner.prepare(run_dir, bench, command_line, nnodes=opts.nnodes)
     print(f"{bench.name}: {len(cells)} cell(s) -> {run_dir}", flush=True)
     code = runner.run_cells(run_dir, cells, opts, link_profile=args.link_profile)
     print(report.write_summary(run_dir))
     print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
-    return code
+    return code, run_dir
 
 
 def _resumable(args: argparse.Namespace, host: object) -> tuple[BenchConfig, list[Cell]]:

@@ -44,13 +44,14 @@ def new_run_dir(results_dir: Path, name: str, now: datetime | None = None) -> Pa
             path = base.with_name(f"{base.name}-{n}")
 
 
-def prepare(run_dir: Path, bench: BenchConfig, command_line: list[str]) -> None:
+def prepare(run_dir: Path, bench: BenchConfig, command_line: list[str], nnodes: int = 1) -> None:
     """What --resume and the reports need, written before any cell runs."""
     doc = {"name": bench.name, **bench.doc}
     (run_dir / "config.yaml").write_text(f"# from {bench.source}\n" + yaml.safe_dump(doc, sort_keys=False))
     cells = [{"cell": c.id, "swept": c.swept, "config": c.config.to_dict()} for c in bench.cells]
     (run_dir / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")
-    (run_dir / "env.json").write_text(json.dumps(env_info.collect(command_line), indent=1) + "\n")
+    env = {**env_info.collect(command_line), "nnodes": nnodes}  # the history keeps the node count per run
+    (run_dir / "env.json").write_text(json.dumps(env, indent=1) + "\n")
 
 
 def saved_cell_ids(run_dir: Path) -> list[str]:

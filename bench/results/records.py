@@ -1,7 +1,8 @@
 """A run folder's records: written here (one fsync'ed line per cell) and read back here.
 
 Reports, comparisons and the history DB read only what this module returns, never
-logs, so a run folder is the whole contract between measuring and judging.
+logs, so a run folder is the whole contract between measuring and judging. Over 300 lines
+because the writer, the torn-tail repair and both readers of one file format belong together.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import json
 import os
 import re
 import statistics
+import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,73 @@ REQUIRED_KEYS = ("schema_version", "cell", "status")
 # rate sample; this lets the rank test back a throughput or MFU verdict too.
 RATE_METRICS = ("tokens_per_s", "mfu", "tflops_per_rank")
 STEP_TIME = "step_time_s"
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """A last line without its newline that is not a record: a write cut short by a crash."""
+
+    path: Path
+    line: int  # its line number
+    offset: int  # the byte where it starts; the complete records end here
+    data: bytes
+
+    @property
+    def cell(self) -> str | None:
+        """The cell the torn record was for, when the cut left its id readable."""
+        match = re.search(rb'"cell": *"([^"\\]+)"', self.data)
+        return match.group(1).decode(errors="replace") if match else None
+
+
+def torn_tail(path: Path, data: bytes | None = None) -> TornTail | None:
+    """The torn tail of a results file, or None. A last line that parses (only its newline lost)
+    is a complete record, not a torn one."""
+    data = path.read_bytes() if data is None else data
+    if not data or data.endswith(b"\n"):
+        return None
+    start = data.rfind(b"\n") + 1
+    last = data[start:]
+    try:
+        if isinstance(json.loads(last), dict) or not last.strip():
+            return None
+    except ValueError:
+        pass
+    return TornTail(path, data.count(b"\n") + 1, start, last)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # The summary, the roofline and resume read one file several times: say it once.
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn_torn(torn: TornTail) -> None:
+    _warn_once(f"{torn.path}:{torn.line}: warning: torn tail ({len(torn.data)} bytes without a newline, "
+               f"a write cut short); using the complete records before it "
+               f"(run_bench.py --resume moves it aside and runs its cell again)")
+
+
+def set_torn_tail_aside(path: Path) -> tuple[TornTail, Path] | None:
+    """Move a torn tail's bytes to results.jsonl.torn-<UTC> beside it (synced first), then cut
+    the file back to its complete records. Nothing is deleted."""
+    torn = torn_tail(path) if path.exists() else None
+    if torn is None:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    side = path.with_name(f"{path.name}.torn-{stamp}")
+    with open(side, "ab") as f:
+        f.write(torn.data)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "r+b") as f:
+        f.truncate(torn.offset)
+        f.flush()
+        os.fsync(f.fileno())
+    return torn, side
 
 
 class RecordError(Exception):
@@ -94,15 +164,23 @@ def _parse_line(path: Path, lineno: int, text: str) -> dict[str, Any]:
 
 
 def load_records(path: Path) -> dict[str, dict[str, Any]]:
-    """Records by cell; a resumed run appends a re-run cell, so the last line for a cell wins."""
+    """Records by cell; a resumed run appends a re-run cell, so the last line for a cell wins.
+
+    A torn tail (see torn_tail) is left out with a warning on stderr; any other bad line is
+    a RecordError naming the file and line.
+    """
+    data = path.read_bytes()
+    torn = torn_tail(path, data)
+    complete = data[: torn.offset] if torn else data
     records: dict[str, dict[str, Any]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            record = _parse_line(path, lineno, text)
-            records.pop(record["cell"], None)  # re-insert so order follows the latest attempt
-            records[record["cell"]] = record
+    for lineno, text in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not text.strip():
+            continue
+        record = _parse_line(path, lineno, text)
+        records.pop(record["cell"], None)  # re-insert so order follows the latest attempt
+        records[record["cell"]] = record
+    if torn:
+        warn_torn(torn)
     return records
 
 
@@ -211,16 +289,25 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # The tolerant reader, for a run still in progress or cut short: the runner (resume), the
 # summary and the roofline use it; compare and history use load_run, which names FILE:LINE.
 def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
-    """Every record in file order; a line cut short by a crash is skipped, not fatal."""
+    """Every record in file order; a torn tail or a bad line is skipped with a warning, not fatal."""
     path = Path(run_dir) / "results.jsonl"
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    torn = torn_tail(path, data)
     records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    lines = (data[: torn.offset] if torn else data).decode("utf-8", errors="replace").splitlines()
+    for lineno, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except ValueError:
-            continue
+            record = None
         if isinstance(record, dict) and "cell" in record:
             records.append(record)
+        elif line.strip():
+            _warn_once(f"{path}:{lineno}: warning: not a record, skipped")
+    if torn:
+        warn_torn(torn)
     return records
 
 
@@ -233,11 +320,24 @@ def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """One write of one line, synced: a power cut leaves whole records and at most one torn tail."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One synced write of one line, on a line of its own: the file gains the whole record or,
+    when the write fails (ENOSPC, EIO), nothing; the OSError goes to the caller."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # never glue a record onto a line without its newline
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # drop the part that made it: no half-written record
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ chosen per cell id by FAKE_WORKER_PLAN (JSON {cell id: mode}; default "ok"):
   hang   every rank sleeps past any timeout
   abort  the result is written and agreed by every rank, then the last rank aborts (SIGABRT),
          as gloo's thread teardown sometimes does
+  fill   as ok, then rank 0 fills the run folder's disk (a file `filler` beside results.jsonl)
 FAKE_WORKER_LAUNCHES names a file where rank 0 appends the cell id of every launch.
 """
 
@@ -67,6 +68,16 @@ def fake_metrics(cell: CellConfig) -> dict[str, Any]:
     }
 
 
+def _fill_disk(path: Path) -> None:
+    """Write until the file system says ENOSPC: the runner's next append must fail cleanly."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cell-config", type=Path, required=True)
@@ -90,7 +101,7 @@ def main() -> None:
 
     if mode == "hang":
         time.sleep(3600)
-    if mode not in ("ok", "abort"):
+    if mode not in ("ok", "abort", "fill"):
         if rank != world - 1:
             time.sleep(3600)  # until torchrun tears the job down
         if mode == "crash":
@@ -104,6 +115,8 @@ def main() -> None:
         raise ValueError(f"unknown FAKE_WORKER_PLAN mode {mode!r}")
 
     write_agreed_result(args.out, {"metrics": fake_metrics(cell)})  # the real worker's ending
+    if mode == "fill" and rank == 0:
+        _fill_disk(args.out.parents[2] / "filler")
     if mode == "abort" and rank == world - 1:
         log.write("terminate called without an active exception (fake)\n")
         log.flush()

@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -138,3 +139,23 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
             os.kill(os.getpid(), sig)
 
     return preexec
+
+
+_WATCHDOG = """import os, sys, time
+pid, started, deadline = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, deadline - time.time()))
+try:
+    if open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[19] == started:
+        os.kill(pid, 9)
+except OSError:
+    pass
+"""
+
+
+def kill_me_after(seconds: float) -> None:
+    """A watchdog process that SIGKILLs this one `seconds` from now, and dies with it if it ends
+    first. A process, not a thread: a thread cannot act once the interpreter is shutting down."""
+    me = os.getpid()
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(me), str(start_time(me)), str(time.time() + seconds)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     preexec_fn=die_with_parent(signal.SIGKILL))  # noqa: PLW1509 - called from the main thread

@@ -37,7 +37,7 @@ from bench.results.records import (
 )
 from bench.sweep import env_info, lock
 from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
-from bench.sweep.processes import end_leftovers
+from bench.sweep.processes import end_leftovers, kill_me_after
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_UNWRITABLE, EXIT_INTERRUPTED = 0, 1, 3, 130
 PROBE_BYTES = 64 << 10  # room for a few records and logs, or the run refuses to start
@@ -160,15 +160,13 @@ def progress(outcome: Outcome, elapsed: float, durations: list[float], left: int
 def _sigterm_as_interrupt(grace_s: float) -> Iterator[None]:
     """A batch scheduler cancels with SIGTERM, then SIGKILLs after its own grace period: stop the
     cell (launch turns this into an interrupted record) and leave within `grace_s`. A watchdog
-    makes the deadline hard; what it cuts short, --resume repairs."""
+    makes the deadline hard (SIGKILL, exit 137); what it cuts short, --resume repairs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        watchdog = threading.Timer(grace_s, os._exit, (EXIT_INTERRUPTED,))
-        watchdog.daemon = True
-        watchdog.start()
+        kill_me_after(grace_s)
         raise Interrupted("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handler)

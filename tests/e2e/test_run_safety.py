@@ -117,11 +117,12 @@ def test_resume_ends_what_a_dead_runner_left(tmp_path: Path) -> None:
             p.wait()
 
 
+@pytest.mark.slow  # three torchrun launches
 def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
     """s0 ends in gloo's teardown abort after its result is agreed; s1 hangs. A second runner is
     refused, SIGTERM records s1 as interrupted within --grace-s, --resume runs s1 alone."""
     config = write_config(tmp_path, 2)
-    proc = run_cli([str(config), "--results-dir", str(tmp_path / "r"), "--grace-s", "10"],
+    proc = run_cli([str(config), "--results-dir", str(tmp_path / "r"), "--grace-s", "15"],
                    {"s0": "abort", "s1": "hang"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: list((tmp_path / "r").glob("*/logs/s1/rank1.log")))
@@ -138,7 +139,8 @@ def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
         took = time.monotonic() - sent
     finally:
         proc.kill()
-    assert proc.returncode == 130 and took < 10, (took, stdout, stderr)
+    assert proc.returncode == 130 and took < 15, (took, stdout, stderr)  # 130: not the watchdog (137)
+    print(f"SIGTERM to exit: {took:.1f} s")
     s0, s1 = records(run_dir)
     assert s0["status"] == "ok" and s0["metrics"]["step_time_s"]["median"] > 0 and s0["error"] is None
     assert s0["warnings"] == ["rank 1 killed by signal 6 (SIGABRT) after every rank agreed on the result"]

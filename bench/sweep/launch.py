@@ -4,7 +4,7 @@ torchrun puts every worker in a session of its own, so killing torchrun's proces
 not enough when it is itself stuck or killed: the workers it started are found first and
 killed by id afterwards. The job also dies with the runner (a parent-death signal) and carries
 the run's lock token in its environment, so a later runner can find what a dead one left
-(bench/sweep/lock.py).
+(bench/sweep/processes.py).
 
 Each launch is one attempt of the cell: its torchrun.log and rank logs gain a marked line
 "==== attempt N ... ====" first, and error tails are read from the last such line on.
@@ -136,15 +136,18 @@ def start_attempt(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> st
     """Mark a new attempt in torchrun.log and this node's rank logs; return the marked line.
     Earlier attempts' lines stay above it."""
     paths.log_dir.mkdir(parents=True, exist_ok=True)
-    attempt = 1 + _read(paths.torchrun_log).count("\n" + ATTEMPT_MARK)
+    attempt = 1 + sum(line.startswith(ATTEMPT_MARK) for line in _read(paths.torchrun_log).splitlines())
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     mark = f"{ATTEMPT_MARK}{attempt} of {paths.log_dir.name}, {stamp} ===="
     for r in range(cell.parallel.world_size // opts.nnodes):
-        with open(paths.log_dir / f"rank{r}.log", "a") as f:
-            f.write(f"\n{mark}\n")
-    with open(paths.torchrun_log, "a") as f:
-        f.write(f"\n{mark}\n$ {' '.join(command(cell, paths, opts))}\n")
+        _append_line(paths.log_dir / f"rank{r}.log", mark)
+    _append_line(paths.torchrun_log, f"{mark}\n$ {' '.join(command(cell, paths, opts))}")
     return mark
+
+
+def _append_line(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(("\n" if f.tell() else "") + text + "\n")  # a blank line between attempts
 
 
 def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:

@@ -120,7 +120,7 @@ def test_sweep_leaves_a_complete_results_folder(sweep: tuple[Path, subprocess.Co
             "git_dirty", "command_line", "utc"} <= set(env)
     assert env["gpu"] is None and env["nvml_unavailable"] or env["gpu"]
     torchrun_log = (run_dir / "logs" / OK[1] / "torchrun.log").read_text()
-    assert torchrun_log.startswith(f"\n==== attempt 1 of {OK[1]}, ") and "\n$ " in torchrun_log
+    assert torchrun_log.startswith(f"==== attempt 1 of {OK[1]}, ") and "\n$ " in torchrun_log
     assert (run_dir / "logs" / OK[1] / "rank1.log").is_file()
     assert json.loads((run_dir / "cells" / OK[1] / "result.json").read_text())["metrics"]
     summary = (run_dir / "summary.md").read_text()

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
-from bench.sweep.processes import RUN_ENV, die_with_parent, kill_tree, shielded
+from bench.sweep.processes import (
+    RUN_ENV,
+    die_with_parent,
+    kill_tree,
+    shielded,
+    signals_held,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKER = "bench.worker"
@@ -156,10 +162,11 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
     start_attempt(cell, paths, opts)
     start = time.monotonic()
     with open(paths.torchrun_log, "a") as log:
-        proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True,  # its own group: Ctrl-C is ours to handle
-                                preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
+        with signals_held():  # a signal during the fork would be lost in an at-fork hook
+            proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True,  # its own group: Ctrl-C is ours to handle
+                                    preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
         try:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:

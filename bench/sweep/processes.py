@@ -37,6 +37,24 @@ def alive(pid: int, started: str | None) -> bool:
     return started is not None and start_time(pid) == started
 
 
+HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered on exit): Python runs a handler raised during
+    Popen's fork inside an at-fork hook that prints and drops the exception, so the runner
+    would miss its Ctrl-C or SIGTERM. The child unblocks them (die_with_parent's preexec)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """A second Ctrl-C in the middle of a kill would leave ranks running: finish the kill first."""
@@ -120,20 +138,25 @@ def end_leftovers(run_dir: Path, own_token: str, wait_s: float = 5.0) -> list[in
     return [pid for pid, _ in found]
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A preexec_fn giving the child `sig` when the runner dies (Linux); None elsewhere.
+def _unblock() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # exec keeps the mask signals_held set
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn giving the child `sig` when the runner dies (Linux; elsewhere it only
+    unblocks the signals that signals_held holds back).
 
     SIGTERM, not SIGKILL: torchrun answers SIGTERM by stopping its workers, which a SIGKILL
     of torchrun would leave orphaned (checked here with torch 2.13's torchrun).
     """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
+        return _unblock
     parent = os.getpid()
 
     def preexec() -> None:
+        _unblock()
         prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:  # the runner died before prctl took effect
             os.kill(os.getpid(), sig)

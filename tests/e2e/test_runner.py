@@ -153,7 +153,9 @@ def test_ctrl_c_kills_the_cell_records_it_and_writes_the_summary(tmp_path: Path)
     proc = run_cli([str(config), "--results-dir", str(tmp_path / "r")], {"base": "hang"},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "r").glob("*/logs/base/rank1.log")) and time.monotonic() < deadline:
+    # The runner marks the attempt in rank1.log before the job starts; the rank's own line says it runs.
+    while not any("mode hang" in p.read_text() for p in (tmp_path / "r").glob("*/logs/base/rank1.log")) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)

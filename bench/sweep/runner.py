@@ -81,12 +81,6 @@ def saved_cell_ids(run_dir: Path) -> list[str]:
     return [c["cell"] for c in json.loads((run_dir / "cells.json").read_text())]
 
 
-def ok_cells(run_dir: Path) -> set[str]:
-    """Cells whose newest record is ok: what --resume leaves alone."""
-    newest = {r["cell"]: r.get("status") for r in read_records(run_dir)}
-    return {cell for cell, status in newest.items() if status == "ok"}
-
-
 def probe_write(run_dir: Path) -> None:
     """Fail now, not after the first cell, when the folder is read-only or the disk is full."""
     probe = run_dir / ".write-probe"

@@ -29,12 +29,8 @@ import yaml
 from bench.config.matrix import BenchConfig, Cell
 from bench.metrics import roofline
 from bench.metrics.collectives_spec import table_of
-from bench.results.records import (
-    SCHEMA_VERSION,
-    append_record,
-    read_records,
-    set_torn_tail_aside,
-)
+from bench.results.records import SCHEMA_VERSION, append_record
+from bench.results.torn import set_torn_tail_aside
 from bench.sweep import env_info, lock
 from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
 from bench.sweep.processes import end_leftovers, kill_me_after

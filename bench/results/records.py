@@ -17,13 +17,7 @@ from typing import Any
 
 import yaml
 
-from bench.results.torn import (  # noqa: F401 - re-exported
-    TornTail,
-    set_torn_tail_aside,
-    torn_tail,
-    warn_once,
-    warn_torn,
-)
+from bench.results.torn import torn_tail, warn_once, warn_torn
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "cell", "status")

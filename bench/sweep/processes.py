@@ -146,8 +146,8 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A preexec_fn giving the child `sig` when the runner dies (Linux; elsewhere it only
     unblocks the signals that signals_held holds back).
 
-    SIGTERM, not SIGKILL: torchrun answers SIGTERM by stopping its workers, which a SIGKILL
-    of torchrun would leave orphaned (checked here with torch 2.13's torchrun).
+    SIGTERM, not SIGKILL: torchrun answers SIGTERM by stopping its workers (seen here with
+    torch 2.13), while a SIGKILL gives it no chance to.
     """
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl

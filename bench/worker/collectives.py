@@ -195,11 +195,11 @@ def run_collectives(config: CellConfig, cell_id: str, out: Path, dev: torch.devi
     reduced over the world), after rank 0 has written the table and result.json."""
     from bench.results.records import write_json_atomic
 
+    from bench.worker.finish import write_agreed_result
+
     doc = sweep(config, cell_id, dev)
     if dist.get_rank() == 0:
         print(spec.format_table(doc), flush=True)
         write_json_atomic(out.parents[2] / "collectives" / f"{cell_id}.json", doc)
-        write_json_atomic(out, {"metrics": {"collectives": doc}, "error": doc["error"]})
-    dist.barrier()
-    dist.destroy_process_group()
-    return 1 if doc["error"] else 0
+    write_agreed_result(out, {"metrics": {"collectives": doc}, "error": doc["error"]})
+    return 1 if doc["error"] else 0  # the process group is torn down by bench.worker's main

@@ -1,0 +1,176 @@
+"""One cell on every node at once: arrive, launch, ship, agree.
+
+Each node's runner arrives at the cell; node 0 says go once all have (or fails the cell for
+every node when one does not arrive in time or its heartbeat stops); each node runs the
+cell's torchrun job with c10d rendezvous at the sweep's endpoint; the other nodes then ship
+what their ranks wrote (logs, traces, result.json where global rank 0 ran) to node 0 through
+the store and delete it locally; node 0 writes the files into the run folder, merges the
+outcomes and publishes the cell's agreed outcome, which every node reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.config import CellConfig
+from bench.launch import CellPaths, LaunchOptions, Outcome, judged_result, launch, read_result
+from bench.sweep.team import NodeLost, Team
+
+LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
+INTERRUPTED_WAIT_S = 30.0  # after a stop, how long node 0 waits for the others' files
+
+
+def torchrun_args(team: Team, n: int, opts: LaunchOptions) -> LaunchOptions:
+    """The cell's launch options: torchrun with c10d rendezvous at the team's store."""
+    spec = team.spec
+    rdzv = (f"--nnodes={spec.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={spec.endpoint}",
+            f"--rdzv-id={team.run_name}-{n}",
+            # The runner's store is there already: torchrun must not try to host its own.
+            f"--rdzv-conf=is_host=false,join_timeout={int(spec.rdzv_timeout_s)}")
+    return dataclasses.replace(opts, torchrun_args=(*rdzv, *opts.torchrun_args))
+
+
+def _error(reason: str) -> dict[str, Any]:
+    return {"reason": reason, "exit_code": None, "rank": None, "log_file": None, "log_tail": ""}
+
+
+def _as_json(outcome: Outcome) -> dict[str, Any]:
+    return dataclasses.asdict(outcome)
+
+
+def _from_json(doc: dict[str, Any]) -> Outcome:
+    fields = {f.name for f in dataclasses.fields(Outcome)}
+    return Outcome(**{k: v for k, v in doc.items() if k in fields})
+
+
+def ran_clean(outcome: Outcome) -> bool:
+    """This node's torchrun exited 0: ok, or ok but global rank 0 (with result.json) ran elsewhere."""
+    return outcome.status == "ok" or (outcome.error or {}).get("exit_code") == 0
+
+
+def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, opts: LaunchOptions,
+             launch_fn: LaunchFn = launch) -> Outcome:
+    n = team.launches
+    team.launches += 1
+    start = time.monotonic()
+    if team.heartbeat.stop_reason:
+        return Outcome("failed", None, _error(f"interrupted: {team.heartbeat.stop_reason}"), 0.0, interrupted=True)
+    team.put(f"c{n}/arrived/{team.spec.node_rank}", True)
+    if (refused := _go(team, n, start)) is not None:
+        return refused
+    local = launch_fn(config, paths, torchrun_args(team, n, opts))
+    if local.interrupted:
+        local = _why_stopped(team, local)
+    if team.spec.is_head:
+        return _settle(team, n, run_dir, paths, local, start)
+    _ship(team, n, run_dir, paths, local)
+    if local.interrupted:
+        return local  # node 0 records the cell; this node stops without waiting for it
+    team.wait_for(lambda: team.has(f"c{n}/final"))
+    return _from_json(team.take(f"c{n}/final"))
+
+
+def _go(team: Team, n: int, start: float) -> Outcome | None:
+    """None: launch. Otherwise the cell's outcome without a launch (a node missing or lost)."""
+    arrived = [f"c{n}/arrived/{r}" for r in range(team.spec.nnodes)]
+    if not team.spec.is_head:
+        team.wait_for(lambda: team.has(f"c{n}/go") or team.has(f"c{n}/final"))
+        return None if team.has(f"c{n}/go") else _from_json(team.take(f"c{n}/final"))
+    timeout = team.spec.rdzv_timeout_s
+    why = team.wait_for(lambda: team.has(*arrived), timeout, team.lost_from(team.others))
+    if why is None:
+        team.put(f"c{n}/go", True)
+        return None
+    if why == "timeout":
+        missing = [str(r) for r, key in enumerate(arrived) if not team.has(key)]
+        why = f"rendezvous timeout: node {', '.join(missing)} did not arrive within {timeout:g}s"
+    outcome = Outcome("failed", None, _error(why), time.monotonic() - start)
+    team.put(f"c{n}/final", _as_json(outcome))
+    return outcome
+
+
+def _why_stopped(team: Team, local: Outcome) -> Outcome:
+    """Tell every node to stop (first reason wins) and say in the record who stopped the sweep."""
+    reason = team.heartbeat.stop_reason
+    if reason is None:
+        team.stop_all(reason := f"node {team.spec.node_rank} interrupted")
+    error = {**(local.error or _error("")), "reason": f"interrupted: {reason}"}
+    return dataclasses.replace(local, error=error)
+
+
+def _files_to_ship(run_dir: Path, paths: CellPaths) -> dict[str, Path]:
+    """What this node's ranks wrote for the cell, by path in node 0's run folder."""
+    cell_id = paths.config.parent.name
+    found = {}
+    for folder in (paths.log_dir, run_dir / "traces" / cell_id):
+        found.update({str(f.relative_to(run_dir)): f for f in sorted(folder.rglob("*")) if f.is_file()})
+    if paths.result.is_file():
+        found[str(paths.result.relative_to(run_dir.resolve()))] = paths.result
+    return found
+
+
+def _ship(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome) -> None:
+    r = team.spec.node_rank
+    run_dir = run_dir.resolve()
+    manifest = {}
+    for i, (rel, path) in enumerate(_files_to_ship(run_dir, paths).items()):
+        if Path(rel).name == "torchrun.log":  # every node has one: keep them apart
+            rel = str(Path(rel).with_name(f"torchrun.node{r}.log"))
+        key = f"c{n}/file/{r}/{i}"
+        team.store.set(key, path.read_bytes())
+        manifest[rel] = key
+        path.unlink()
+    error = local.error
+    if error and error.get("log_file", "").endswith("torchrun.log"):
+        error = {**error, "log_file": error["log_file"].replace("torchrun.log", f"torchrun.node{r}.log")}
+    team.put(f"c{n}/outcome/{r}", {"outcome": _as_json(dataclasses.replace(local, error=error)),
+                                    "files": manifest})
+
+
+def _receive(team: Team, n: int, run_dir: Path, r: int) -> Outcome:
+    doc = team.take(f"c{n}/outcome/{r}")
+    for rel, key in doc["files"].items():
+        dest = run_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(team.store.get(key))
+        team.store.delete_key(key)
+    return _from_json(doc["outcome"])
+
+
+def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome, start: float) -> Outcome:
+    """Node 0: every node's outcome and files in, one verdict out."""
+    keys = {r: f"c{n}/outcome/{r}" for r in team.others}
+    pending = lambda: [r for r, k in keys.items() if not team.has(k)]  # noqa: E731
+    timeout = INTERRUPTED_WAIT_S if local.interrupted else None
+    why = team.wait_for(lambda: not pending(), timeout, lambda: team.lost_from(pending())())
+    per_node: dict[int, Outcome | str] = {0: local}
+    for r in team.others:
+        per_node[r] = _receive(team, n, run_dir.resolve(), r) if team.has(keys[r]) else (
+            why if why != "timeout" else f"node {r} sent nothing within {INTERRUPTED_WAIT_S:g}s of the stop")
+    merged = merge(per_node, paths, time.monotonic() - start)
+    team.put(f"c{n}/final", _as_json(merged))
+    return merged
+
+
+def merge(per_node: dict[int, Outcome | str], paths: CellPaths, wall_s: float) -> Outcome:
+    """ok only when every node's torchrun exited 0 and some node's global rank 0 left a result."""
+    outcomes = [o for o in per_node.values() if isinstance(o, Outcome)]
+    interrupted = any(o.interrupted for o in outcomes)
+    problems = [(r, o) for r, o in sorted(per_node.items()) if isinstance(o, str) or not ran_clean(o)]
+    if not problems:
+        metrics, problem = read_result(paths.result)
+        if problem is None:
+            return Outcome("ok", metrics, None, wall_s, interrupted=interrupted)
+        return Outcome("failed", None, _error(f"every node exited 0 but {problem}"), wall_s, interrupted=interrupted)
+    first = next((o for _, o in problems if isinstance(o, Outcome) and o.error), None)
+    error = dict(first.error) if first else _error("")
+    error["reason"] = "; ".join(f"node {r}: {o if isinstance(o, str) else o.error['reason']}" for r, o in problems)
+    status = "timeout" if any(isinstance(o, Outcome) and o.status == "timeout" for _, o in problems) else "failed"
+    metrics, _ = judged_result(paths.result)  # a collectives check that failed still has its figures
+    return Outcome(status, metrics, error, wall_s, interrupted=interrupted)
+
+
+__all__ = ["NodeLost", "run_cell", "merge", "torchrun_args"]

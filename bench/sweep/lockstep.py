@@ -57,30 +57,54 @@ def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, op
     team.launches += 1
     start = time.monotonic()
     if team.heartbeat.stop_reason:
-        return Outcome("failed", None, _error(f"interrupted: {team.heartbeat.stop_reason}"), 0.0, interrupted=True)
+        return _interrupted_before(team, start)
     team.put(f"c{n}/arrived/{team.spec.node_rank}", True)
     if (refused := _go(team, n, start)) is not None:
         return refused
-    local = launch_fn(config, paths, torchrun_args(team, n, opts))
-    if local.interrupted:
-        local = _why_stopped(team, local)
+    local = _launch(team, launch_fn, config, paths, torchrun_args(team, n, opts))
     if team.spec.is_head:
         return _settle(team, n, run_dir, paths, local, start)
     _ship(team, n, run_dir, paths, local)
     if local.interrupted:
         return local  # node 0 records the cell; this node stops without waiting for it
-    team.wait_for(lambda: team.has(f"c{n}/final"))
+    if team.wait_for(lambda: team.has(f"c{n}/final"), give_up=_stopped(team)) is not None:
+        return _why_stopped(team, dataclasses.replace(local, interrupted=True))
     return _from_json(team.take(f"c{n}/final"))
+
+
+def _launch(team: Team, launch_fn: LaunchFn, config: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
+    """The local torchrun job, which a stop from another node may interrupt (and only it)."""
+    team.heartbeat.in_launch.set()
+    try:
+        if team.heartbeat.stop_reason:  # came in just before: do not start the job at all
+            local = Outcome("failed", None, _error("interrupted"), 0.0, interrupted=True)
+        else:
+            local = launch_fn(config, paths, opts)
+    finally:
+        team.heartbeat.in_launch.clear()
+    if team.heartbeat.stop_reason and not local.interrupted:  # came in as the job ended: keep its outcome
+        local = dataclasses.replace(local, interrupted=True)
+    return _why_stopped(team, local) if local.interrupted and local.status != "ok" else local
+
+
+def _stopped(team: Team) -> Callable[[], str | None]:
+    return lambda: team.heartbeat.stop_reason
 
 
 def _go(team: Team, n: int, start: float) -> Outcome | None:
     """None: launch. Otherwise the cell's outcome without a launch (a node missing or lost)."""
     arrived = [f"c{n}/arrived/{r}" for r in range(team.spec.nnodes)]
     if not team.spec.is_head:
-        team.wait_for(lambda: team.has(f"c{n}/go") or team.has(f"c{n}/final"))
+        if team.wait_for(lambda: team.has(f"c{n}/go") or team.has(f"c{n}/final"), give_up=_stopped(team)):
+            return _interrupted_before(team, start)
         return None if team.has(f"c{n}/go") else _from_json(team.take(f"c{n}/final"))
     timeout = team.spec.rdzv_timeout_s
-    why = team.wait_for(lambda: team.has(*arrived), timeout, team.lost_from(team.others))
+    lost = team.lost_from(team.others)
+    why = team.wait_for(lambda: team.has(*arrived), timeout, lambda: _stopped(team)() or lost())
+    if why is not None and team.heartbeat.stop_reason:
+        outcome = _interrupted_before(team, start)
+        team.put(f"c{n}/final", _as_json(outcome))
+        return outcome
     if why is None:
         team.put(f"c{n}/go", True)
         return None
@@ -92,11 +116,17 @@ def _go(team: Team, n: int, start: float) -> Outcome | None:
     return outcome
 
 
+def _interrupted_before(team: Team, start: float) -> Outcome:
+    reason = f"interrupted before the launch: {team.heartbeat.stop_reason}"
+    return Outcome("failed", None, _error(reason), time.monotonic() - start, interrupted=True)
+
+
 def _why_stopped(team: Team, local: Outcome) -> Outcome:
     """Tell every node to stop (first reason wins) and say in the record who stopped the sweep."""
     reason = team.heartbeat.stop_reason
     if reason is None:
-        team.stop_all(reason := f"node {team.spec.node_rank} interrupted")
+        reason = team.heartbeat.stop_reason = f"node {team.spec.node_rank} interrupted"
+        team.stop_all(reason)
     error = {**(local.error or _error("")), "reason": f"interrupted: {reason}"}
     return dataclasses.replace(local, error=error)
 
@@ -144,8 +174,7 @@ def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome,
     """Node 0: every node's outcome and files in, one verdict out."""
     keys = {r: f"c{n}/outcome/{r}" for r in team.others}
     pending = lambda: [r for r, k in keys.items() if not team.has(k)]  # noqa: E731
-    timeout = INTERRUPTED_WAIT_S if local.interrupted else None
-    why = team.wait_for(lambda: not pending(), timeout, lambda: team.lost_from(pending())())
+    why = team.wait_for(lambda: not pending(), give_up=_lost_or_late(team, pending))
     per_node: dict[int, Outcome | str] = {0: local}
     for r in team.others:
         per_node[r] = _receive(team, n, run_dir.resolve(), r) if team.has(keys[r]) else (
@@ -153,6 +182,19 @@ def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome,
     merged = merge(per_node, paths, time.monotonic() - start)
     team.put(f"c{n}/final", _as_json(merged))
     return merged
+
+
+def _lost_or_late(team: Team, pending: Callable[[], list[int]]) -> Callable[[], str | None]:
+    """A pending node is lost; or the sweep is stopping and it had INTERRUPTED_WAIT_S to ship."""
+    stop_seen: list[float] = []
+
+    def check() -> str | None:
+        if (lost := team.lost_from(pending())()) is not None:
+            return lost
+        if team.heartbeat.stop_reason and not stop_seen:
+            stop_seen.append(time.monotonic())
+        return "timeout" if stop_seen and time.monotonic() - stop_seen[0] > INTERRUPTED_WAIT_S else None
+    return check
 
 
 def merge(per_node: dict[int, Outcome | str], paths: CellPaths, wall_s: float) -> Outcome:

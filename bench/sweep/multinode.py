@@ -78,6 +78,8 @@ def run(spec: NodeSpec, results_dir: Path, head_plan: HeadPlan, sweep: Sweep,
     except NodeLost as exc:
         print(f"node {spec.node_rank}: {exc}; stopping", file=sys.stderr, flush=True)
         code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:  # Ctrl-C between cells too: every node stops
+        team.stop_all(team.heartbeat.stop_reason or f"node {spec.node_rank} interrupted")
     team.finish(FINISH_WAIT_S)
     if run_dir is not None:
         summarize(run_dir)

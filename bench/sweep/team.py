@@ -57,7 +57,9 @@ class Heartbeat(threading.Thread):
     """Counts this node's heartbeat, watches the others' and the stop key, on its own connection.
 
     A stop set by another node, or node 0 gone, interrupts this runner's main thread with
-    SIGINT: the runner then ends its torchrun job exactly as on Ctrl-C.
+    SIGINT while it waits for a torchrun job (`in_launch`): the runner then ends the job
+    exactly as on Ctrl-C. Outside a launch the runner's own waits look at `stop_reason`, so a
+    stop never lands in the middle of the store exchange.
     """
 
     def __init__(self, spec: NodeSpec) -> None:
@@ -66,6 +68,7 @@ class Heartbeat(threading.Thread):
         self.store = connect(spec, host=False)
         self.stop_reason: str | None = None
         self.closing = threading.Event()
+        self.in_launch = threading.Event()
         self._seen: dict[int, tuple[int, float]] = {}
 
     def run(self) -> None:
@@ -81,7 +84,8 @@ class Heartbeat(threading.Thread):
                 reason = f"lost node 0 ({type(exc).__name__})"
             if reason and self.stop_reason is None and not self.closing.is_set():
                 self.stop_reason = reason
-                os.kill(os.getpid(), signal.SIGINT)
+                if self.in_launch.is_set():
+                    os.kill(os.getpid(), signal.SIGINT)
             if self.stop_reason and reason and reason.startswith("lost node 0"):
                 return
 

@@ -150,7 +150,7 @@ def _ship(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome) -
         if Path(rel).name == "torchrun.log":  # every node has one: keep them apart
             rel = str(Path(rel).with_name(f"torchrun.node{r}.log"))
         key = f"c{n}/file/{r}/{i}"
-        team.store.set(key, path.read_bytes())
+        team.put_bytes(key, path.read_bytes())
         manifest[rel] = key
         path.unlink()
     error = local.error
@@ -165,8 +165,7 @@ def _receive(team: Team, n: int, run_dir: Path, r: int) -> Outcome:
     for rel, key in doc["files"].items():
         dest = run_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(team.store.get(key))
-        team.store.delete_key(key)
+        dest.write_bytes(team.take_bytes(key))
     return _from_json(doc["outcome"])
 
 

@@ -116,17 +116,31 @@ class Team:
 
     # -- small store helpers ------------------------------------------------------------------
 
+    def _call(self, op: Callable[..., Any], *args: Any) -> Any:
+        """Every store call: a dead server (node 0 gone) becomes NodeLost, whatever torch raised."""
+        try:
+            return op(*args)
+        except Exception as exc:  # noqa: BLE001 - DistNetworkError, DistStoreError, RuntimeError...
+            raise NodeLost(f"lost node 0 ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") \
+                from None
+
     def put(self, key: str, value: Any) -> None:
-        self.store.set(key, json.dumps(value))
+        self._call(self.store.set, key, json.dumps(value))
 
     def take(self, key: str) -> Any:
-        return json.loads(self.store.get(key))
+        return json.loads(self._call(self.store.get, key))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(self.store.set, key, data)
+
+    def take_bytes(self, key: str, delete: bool = True) -> bytes:
+        data = self._call(self.store.get, key)
+        if delete:
+            self._call(self.store.delete_key, key)
+        return data
 
     def has(self, *keys: str) -> bool:
-        try:
-            return self.store.check(list(keys))
-        except Exception as exc:  # noqa: BLE001
-            raise NodeLost(f"lost node 0 ({type(exc).__name__}: {exc})") from None
+        return bool(self._call(self.store.check, list(keys)))
 
     def wait_for(self, done: Callable[[], bool], timeout_s: float | None = None,
                  give_up: Callable[[], str | None] = lambda: None) -> str | None:
@@ -176,7 +190,10 @@ class Team:
         """Say this node is through; node 0 keeps the store up until every live node is."""
         self.heartbeat.closing.set()
         if not self.spec.is_head:
-            self.put(f"done/{self.spec.node_rank}", True)
+            try:
+                self.put(f"done/{self.spec.node_rank}", True)
+            except NodeLost:
+                pass  # node 0 is gone: nobody is waiting for this node any more
             return
         live = [r for r in self.others if r not in self.heartbeat.lost(self.others)]
         self.wait_for(lambda: self.has(*(f"done/{r}" for r in live)), timeout_s, self.lost_from(live))

@@ -32,7 +32,7 @@ from isp_core.head_embedding import (EmbeddingWeightParallelCommunicator, HeadLi
 from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook
 from isp_core.linear import WeightParallelLinear
 from isp_core.loss import vocab_parallel_cross_entropy
-from isp_core.memory_pool import ISPCommModelConfig
+from isp_core.memory_pool import ISPCommModelConfig, MemoryPool
 from isp_core.model import LlamaConfig, LlamaModel
 from isp_core.topology import ParallelTopology
 
@@ -143,6 +143,11 @@ class ISPTrainer:
     def __init__(self, isp: ISPModel, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
         self.isp = isp
         self.optimizer = torch.optim.AdamW(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    @property
+    def memory_pool(self) -> Optional[MemoryPool]:
+        """The communicator's pool of gathered-weight buffers (None when it runs without one)."""
+        return self.isp.communicator.memory_pool
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> float:
         """Accumulate the gradients of all micro-steps; returns this data-parallel group's mean loss."""

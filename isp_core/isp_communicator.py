@@ -1,4 +1,6 @@
 """ISPCommunicator: all-gather of block weights with prefetch, reduce-scatter of their gradients.
+(Longer than 300 lines because the prefetch schedule is one state machine: split, it would
+no longer read top to bottom.)
 
 Each weight-parallel linear of a block is, at any time, RELEASED (only the shard exists),
 GATHERING (an asynchronous all-gather is in flight) or HELD (the full weight is at hand).

@@ -1,0 +1,1 @@
+"""Command-line front ends: argument parsing only; the logic lives in the stage packages."""

@@ -1,0 +1,88 @@
+"""`run_bench.py history list|record|plot`: the SQLite history of runs (bench/results/history.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.results.history import (DEFAULT_DB, cells_and_metrics, history_points, list_runs, record_run)
+from bench.results.records import RecordError
+from bench.results.verdict import METRICS, METRICS_BY_NAME
+
+
+def _plot(db: Path, out: Path, cell: str | None, metric: str | None, config: str | None) -> list[Path]:
+    from bench.results.plots import plot_trend  # matplotlib only when plotting
+
+    wanted = [metric] if metric else [m.name for m in METRICS]
+    written = []
+    for c, m in cells_and_metrics(db):
+        if (cell is None or c == cell) and m in wanted:
+            points = list(reversed(history_points(db, c, m, config_name=config)))
+            lo = {p.run_id: p.value for p in history_points(db, c, f"{m}.p10", config_name=config)}
+            hi = {p.run_id: p.value for p in history_points(db, c, f"{m}.p90", config_name=config)}
+            if not points:
+                continue
+            spec = METRICS_BY_NAME.get(m)
+            written.append(plot_trend(points, lo, hi, c, m, out, spec.unit if spec else ""))
+    return written
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --db may come before or after the action; the subparsers' copy must not reset it,
+    # so it defaults to SUPPRESS there (parents share action objects, hence two parsers).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=f"history DB (default {DEFAULT_DB})")
+    parser = argparse.ArgumentParser(prog="run_bench.py history", description=__doc__)
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"history DB (default {DEFAULT_DB})")
+    sub = parser.add_subparsers(dest="action")
+    sub.add_parser("list", parents=[common], help="list recorded runs")
+    rec = sub.add_parser("record", parents=[common], help="record run folders (idempotent)")
+    rec.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot = sub.add_parser("plot", parents=[common], help="trend plot per cell and metric")
+    plot.add_argument("--cell")
+    plot.add_argument("--metric", help="default: the compared metrics")
+    plot.add_argument("--config", help="only runs of this config name (cell ids can repeat across configs)")
+    plot.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    args.action = args.action or "list"
+    if args.action != "record" and not Path(args.db).is_file():
+        print(f"no history DB at {args.db} (record a run first: run_bench.py history record RUN_DIR)")
+        return 0 if args.action == "list" else 2
+    try:
+        if args.action == "record":
+            for run_dir in args.run_dirs:
+                run_id = record_run(args.db, run_dir)
+                print(f"recorded {run_dir} as run {run_id} in {args.db}")
+        elif args.action == "plot":
+            paths = _plot(args.db, args.out, args.cell, args.metric, args.config)
+            print("\n".join(str(p) for p in paths) if paths else "nothing to plot")
+        else:
+            _print_runs(list_runs(args.db))
+    except RecordError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        print(f"{args.db}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_runs(runs: list[dict[str, Any]]) -> None:
+    from tabulate import tabulate
+
+    if not runs:
+        print("no runs recorded")
+        return
+    cols = ("id", "name", "utc", "config_name", "git_commit", "hostname", "gpu", "cells")
+    rows = [[(str(r[c])[:12] if c == "git_commit" and r[c] else r[c]) for c in cols] for r in runs]
+    print(tabulate(rows, headers=cols))

@@ -1,0 +1,123 @@
+"""`run_bench.py`: run a YAML sweep, or hand `compare` / `history` to their own modules.
+
+Exit codes: 0 every cell ok (or --dry-run), 1 some cell failed or timed out, 2 a config or
+usage error (one line per problem on stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from bench.config.schema import ConfigError
+from bench.metrics import roofline
+from bench.results import report
+from bench.sweep import runner
+from bench.config.checks import probe_host
+from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions
+from bench.config.matrix import BenchConfig, Cell, load_config
+
+# Imported only when used: they are someone else's modules and a sweep must not depend on them.
+SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history"}
+WORKER_ENV = "ISP_BENCH_WORKER"  # module run by torchrun per cell; tests point it at a stand-in
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_bench.py",
+        description="Run an ISP Bench sweep: one torchrun job per cell of a YAML matrix. "
+                    "Also: run_bench.py compare ..., run_bench.py history ...",
+        epilog="Keys are documented in docs/config.md. Exit: 0 ok, 1 a cell failed, 2 config error, 130 interrupted.")
+    p.add_argument("config", nargs="?", type=Path, help="YAML sweep (default: the embedded bench/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a cell key in every cell (parallel.world_size=1), a matrix axis "
+                        "(matrix.model.checkpoint=[0,1]; [] drops it) or name=...; VALUE is YAML")
+    p.add_argument("--filter", metavar="REGEX", help="keep cells whose id matches (regex, or substring)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and exit (skips GPU/NVML checks)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="re-run the cells of RUN_DIR that have no ok record, with its saved config")
+    p.add_argument("--results-dir", type=Path, default=Path("results"), help="where run folders go (results/)")
+    p.add_argument("--link-profile", type=Path, metavar="RUN_DIR",
+                   help="a run with collectives cells (docs/collectives.md): training cells record their "
+                        "communication roofline from its tables")
+    p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
+                   help="pass ARG to torchrun, e.g. --torchrun-arg=--nnodes=2 "
+                        "--torchrun-arg=--rdzv-endpoint=host:29500 (default: --standalone)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return int(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, [sys.executable, sys.argv[0], *argv])
+    except ConfigError as exc:
+        for line in exc.messages:
+            print(line, file=sys.stderr)
+        return 2
+
+
+def _options(args: argparse.Namespace) -> LaunchOptions:
+    try:
+        return LaunchOptions(torchrun_args=tuple(args.torchrun_arg),
+                             worker_module=os.environ.get(WORKER_ENV, DEFAULT_WORKER))
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+
+
+def _run(args: argparse.Namespace, command_line: list[str]) -> int:
+    opts = _options(args)
+    if args.link_profile is not None and not roofline.load_curves(args.link_profile):
+        why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
+               "; allowed: a run folder of a collectives config")
+        raise ConfigError([why])
+    host = None if args.dry_run else probe_host(opts.nnodes)
+    if args.resume is not None:
+        bench, cells = _resumable(args, host)
+        run_dir: Path = args.resume
+    else:
+        bench = load_config(args.config, args.set, args.filter, host)
+        cells = list(bench.cells)
+    if args.dry_run:
+        _print_cells(bench, cells)
+        return 0
+    if args.resume is None:
+        run_dir = runner.new_run_dir(args.results_dir, bench.name)
+        runner.prepare(run_dir, bench, command_line)
+    print(f"{bench.name}: {len(cells)} cell(s) -> {run_dir}", flush=True)
+    code = runner.run_cells(run_dir, cells, opts, link_profile=args.link_profile)
+    print(report.write_summary(run_dir))
+    print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
+    return code
+
+
+def _resumable(args: argparse.Namespace, host: object) -> tuple[BenchConfig, list[Cell]]:
+    """The run's own config and cell list, less the cells that already have an ok record."""
+    run_dir: Path = args.resume
+    if args.config is not None or args.set:
+        raise ConfigError([f"--resume {run_dir}: re-uses the run's saved config.yaml; drop CONFIG and --set"])
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / "cells.json").is_file():
+        raise ConfigError([f"--resume {run_dir}: not a run folder (no config.yaml / cells.json)"])
+    bench = load_config(saved, None, args.filter, host)  # type: ignore[arg-type]
+    wanted, done = set(runner.saved_cell_ids(run_dir)), runner.ok_cells(run_dir)
+    cells = [c for c in bench.cells if c.id in wanted and c.id not in done]
+    print(f"resume {run_dir}: {len(done & wanted)} cell(s) ok, {len(cells)} to run", flush=True)
+    return bench, cells
+
+
+def _print_cells(bench: BenchConfig, cells: list[Cell]) -> None:
+    def show(value: object) -> str:  # as YAML writes it: false, not False
+        return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+    rows = [[c.id, *(show(c.swept.get(k)) for k in bench.swept_keys), c.config.parallel.world_size] for c in cells]
+    print(tabulate(rows, headers=["cell", *bench.swept_keys, "ranks"], disable_numparse=True))
+    print(f"{len(cells)} cell(s) from {bench.source}; dry run: GPU count and NVML were not checked", flush=True)

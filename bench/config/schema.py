@@ -1,0 +1,296 @@
+"""The schema of one benchmark cell: six small frozen sections and the rules for their fields.
+
+Each field carries its `Rule` in the dataclass metadata, so the same rule checks a YAML value
+(with the key path the user wrote), a matrix value and a dataclass built directly from Python.
+Cross-field rules (sizes that must divide, host capacity) live in `checks.py`; the cell that
+holds the sections and runs those rules in `cell.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bench.strategies import NAMES as strategy_names
+
+# isp, and PyTorch's own peers on the same model and tokens (bench/strategies, docs/peers.md).
+STRATEGIES: tuple[str, ...] = strategy_names
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+BACKENDS: tuple[str, ...] = ("gloo", "nccl")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+ELEMENT_SIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of each dtype
+# sp and wp may say "world": the cell's world_size, so one matrix axis over world_size works.
+WORLD = "world"
+# What a cell runs: training steps, or nccl-tests-style collective sweeps (docs/collectives.md).
+KINDS: tuple[str, ...] = ("training", "collectives")
+COLLECTIVE_OPS: tuple[str, ...] = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
+COLLECTIVE_GROUPS: tuple[str, ...] = ("weight", "sequence", "world")
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, each one self-contained line for the user."""
+
+    def __init__(self, messages: list[str], problems: list[Problem] | None = None) -> None:
+        self.messages = list(messages)
+        self.problems = list(problems or [])  # unplaced form, for callers that add their own key path
+        super().__init__("\n".join(self.messages))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem before it is placed: `key` is relative to what was checked."""
+
+    key: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one field accepts. `kind` is one of int, float, bool, str, auto_bool, ranks,
+    subset (a non-empty list of distinct `choices`, kept as a tuple), bytes (an int, or '1K', '256M',
+    '1G', kept as the int)."""
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    gt: float | None = None  # exclusive lower bound: "> 0" where 0 itself makes no sense
+    choices: tuple[Any, ...] = ()
+    nullable: bool = False
+    words: tuple[str, ...] = ()  # strings a YAML file may use in place of an int (see WORLD)
+
+    def allowed(self) -> str:
+        if self.choices:
+            text = ", ".join(repr(c) for c in self.choices)
+            text = f"a non-empty list of distinct values from {text}" if self.kind == "subset" else text
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "auto_bool":
+            text = "'auto', true or false"
+        elif self.kind == "ranks":
+            text = "'all' or a list of ints >= 0"
+        elif self.kind == "bytes":
+            text = f"an int >= {self.lo:g} or a string such as '1K', '256M', '1G' (powers of 1024)"
+        else:
+            bounds = [] if self.gt is None else [f"> {self.gt:g}"]
+            if self.lo is not None:
+                bounds.append(f">= {self.lo:g}")
+            if self.hi is not None:
+                bounds.append(f"<= {self.hi:g}")
+            text = f"{'an int' if self.kind == 'int' else 'a number'} {' and '.join(bounds)}".strip()
+        extras = [repr(w) for w in self.words] + (["null"] if self.nullable else [])
+        return text + "".join(f" or {e}" for e in extras)
+
+    def check(self, value: Any) -> tuple[Any, str | None]:
+        """Return the value normalised (int -> float for float fields) and a problem or None."""
+        if value is None and self.nullable:
+            return None, None
+        if isinstance(value, str) and value in self.words:
+            return value, None
+        ok, value = _type_ok(self.kind, value)
+        if not ok:
+            return value, f"got {_show(value)}; allowed: {self.allowed()}"
+        if self.kind == "subset" and (bad := [v for v in value if v not in self.choices]):
+            return value, f"{_show(bad)} is not allowed; allowed: {self.allowed()}"
+        if self.choices and self.kind != "subset" and value not in self.choices:
+            return value, f"{_show(value)} is not allowed; allowed: {self.allowed()}"
+        if self.kind in ("int", "float", "bytes") and not _in_range(value, self.lo, self.hi, self.gt):
+            return value, f"{_show(value)} is out of range; allowed: {self.allowed()}"
+        return value, None
+
+
+def _type_ok(kind: str, value: Any) -> tuple[bool, Any]:
+    # bool is a subclass of int in Python; a YAML `true` where a size belongs is a mistake.
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return math.isfinite(value), float(value)
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind == "str":
+        return isinstance(value, str), value
+    if kind == "auto_bool":
+        return isinstance(value, bool) or value == "auto", value
+    if kind == "subset":
+        ok = isinstance(value, (list, tuple)) and bool(value) and len({repr(v) for v in value}) == len(value)
+        return ok, tuple(value) if ok else value
+    if kind == "bytes":
+        if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", value.upper())):
+            return True, int(m.group(1)) * _BYTE_UNITS[m.group(2)]
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == "ranks":
+        if value == "all":
+            return True, value
+        ok = isinstance(value, list) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in value)
+        return ok, value
+    raise AssertionError(f"unknown rule kind {kind}")
+
+
+def _in_range(value: float, lo: float | None, hi: float | None, gt: float | None) -> bool:
+    return (lo is None or value >= lo) and (hi is None or value <= hi) and (gt is None or value > gt)
+
+
+def _show(value: Any) -> str:
+    kind = "bool" if isinstance(value, bool) else type(value).__name__
+    return f"{kind} {value!r}"
+
+
+def _f(default: Any, kind: str, doc: str, **rule: Any) -> Any:
+    """A dataclass field with its rule and a one-line doc (docs/config.md repeats these)."""
+    return field(default=default, metadata={"rule": Rule(kind, **rule), "doc": doc})
+
+
+def suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}allowed keys: {', '.join(known)}"
+
+
+class Section:
+    """Shared behaviour of the six sections: field rules checked on construction."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, text = f.metadata["rule"].check(getattr(self, f.name))
+            if text:
+                problems.append(f"{self.NAME}.{f.name}: {text}")
+            else:  # frozen, so normalise (int -> float) through object.__setattr__
+                object.__setattr__(self, f.name, value)
+        if problems:
+            raise ConfigError(problems)
+
+
+def field_problems(cls: type, values: dict[str, Any]) -> list[Problem]:
+    """Problems with the given values of `cls`'s fields; unknown keys included."""
+    rules = {f.name: f.metadata["rule"] for f in dataclasses.fields(cls)}
+    problems = []
+    for key, value in values.items():
+        if key not in rules:
+            problems.append(Problem(key, suggest(key, list(rules))))
+            continue
+        _, text = rules[key].check(value)
+        if text:
+            problems.append(Problem(key, text))
+    return problems
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    NAME: ClassVar[str] = "model"
+    hidden: int = _f(256, "int", "model width (InternEvo model.hidden_size)", lo=1)
+    layers: int = _f(4, "int", "transformer blocks (model.num_layers)", lo=1)
+    heads: int = _f(8, "int", "query heads (model.num_attention_heads)", lo=1)
+    kv_heads: int = _f(4, "int", "key/value heads, GQA (model.num_kv_attention_heads)", lo=1)
+    vocab: int = _f(4096, "int", "vocabulary size (model.vocab_size)", lo=1)
+    mlp_hidden: int = _f(704, "int", "SwiGLU inner width (model.mlp_ratio * hidden)", lo=1)
+    checkpoint: float = _f(0.0, "float", "fraction of blocks recomputed (model.checkpoint)", lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    NAME: ClassVar[str] = "data"
+    seq_len: int = _f(1024, "int", "tokens per sample (data.seq_len)", lo=1)
+    global_batch: int = _f(4, "int", "samples per optimizer step over all dp ranks", lo=1)
+    micro_num: int = _f(2, "int", "micro-batches per step, gradient accumulation (data.micro_num)", lo=1)
+    packed: bool = _f(True, "bool", "flatten a micro-batch into one row, as InternEvo packed data")
+    seed: int = _f(0, "int", "seed of the synthetic tokens and the init", lo=0)
+
+
+@dataclass(frozen=True)
+class ParallelConfig(Section):
+    NAME: ClassVar[str] = "parallel"
+    world_size: int = _f(2, "int", "ranks in the job, all nodes", lo=1)
+    sp: int = _f(2, "int", "sequence-parallel size (parallel.tensor size, mode isp)", lo=1, words=(WORLD,))
+    wp: int = _f(2, "int", "weight-parallel size (parallel.weight size)", lo=1, words=(WORLD,))
+    overlap: bool = _f(True, "bool", "prefetch weights / overlap comm (parallel.weight overlap)")
+    memory_pool: bool = _f(False, "bool", "reuse gathered-weight buffers (parallel.weight memory_pool)")
+    strategy: str = _f("isp", "str", "isp, or a peer: fsdp2, ddp (sp=wp=1), ulysses (wp=1)", choices=STRATEGIES)
+
+    def __post_init__(self) -> None:
+        for name in ("sp", "wp"):
+            if getattr(self, name) == WORLD and isinstance(self.world_size, int):
+                object.__setattr__(self, name, self.world_size)
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    NAME: ClassVar[str] = "run"
+    kind: str = _f("training", "str", "what the cell runs: training steps or collective sweeps", choices=KINDS)
+    device: str = _f("cpu", "str", "where ranks compute", choices=DEVICES)
+    backend: str = _f("gloo", "str", "torch.distributed backend", choices=BACKENDS)
+    dtype: str = _f("float32", "str", "compute dtype", choices=DTYPES)
+    warmup_steps: int = _f(2, "int", "steps run before timing", lo=0)
+    measure_steps: int = _f(5, "int", "timed steps", lo=1)
+    timeout_s: float = _f(600.0, "float", "wall-clock limit of the cell's torchrun job", gt=0.0)
+    lr: float = _f(1e-3, "float", "AdamW learning rate", lo=0.0)
+    peak_tflops: float | None = _f(None, "float", "device peak for MFU; null: the device's table", gt=0.0,
+                                     nullable=True)
+    check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-rank fp32 run; auto: on cpu in float32")
+
+
+@dataclass(frozen=True)
+class ProfileConfig(Section):
+    NAME: ClassVar[str] = "profile"
+    enabled: bool = _f(False, "bool", "run torch.profiler over the schedule below")
+    wait: int = _f(1, "int", "profiler schedule: steps skipped", lo=0)
+    warmup: int = _f(1, "int", "profiler schedule: steps traced but dropped", lo=0)
+    active: int = _f(2, "int", "profiler schedule: steps recorded (a trace needs two ProfilerStep#)", lo=2)
+    repeat: int = _f(1, "int", "profiler schedule: cycles (0: until the run ends)", lo=0)
+    ranks: Any = _f("all", "ranks", "ranks that write a trace")
+    record_shapes: bool = _f(False, "bool", "torch.profiler record_shapes")
+    with_stack: bool = _f(False, "bool", "torch.profiler with_stack")
+    profile_memory: bool = _f(False, "bool", "torch.profiler profile_memory")
+    memory_snapshot: bool = _f(False, "bool", "CUDA memory snapshot for memory_viz (cuda only)")
+
+
+@dataclass(frozen=True)
+class NvmlConfig(Section):
+    NAME: ClassVar[str] = "nvml"
+    enabled: Any = _f("auto", "auto_bool", "GPU power/clock sampling: auto (when NVML works), true, false")
+    interval_ms: int = _f(100, "int", "sampling period", lo=1)
+
+
+@dataclass(frozen=True)
+class CollectivesConfig(Section):
+    """nccl-tests-style sweep of a `run.kind: collectives` cell; ignored by training cells."""
+
+    NAME: ClassVar[str] = "collectives"
+    ops: tuple[str, ...] = _f(COLLECTIVE_OPS, "subset", "collectives swept, in this order", choices=COLLECTIVE_OPS)
+    group: str = _f("weight", "str", "group measured: weight (wp ranks), sequence (sp), world",
+                    choices=COLLECTIVE_GROUPS)
+    min_bytes: int = _f(1024, "bytes", "smallest message (nccl-tests -b)", lo=1)
+    max_bytes: int = _f(4 << 20, "bytes", "largest message (nccl-tests -e)", lo=1)
+    factor: int = _f(2, "int", "size multiplier between steps (nccl-tests -f)", lo=2)
+    warmup_iters: int = _f(5, "int", "untimed calls per op and size (nccl-tests -w)", lo=0)
+    iters: int = _f(20, "int", "timed calls per op and size (nccl-tests -n)", lo=1)
+    async_op: bool = _f(False, "bool", "launch all iters, then wait once (else wait after each call)")
+    min_busbw_gbps: float | None = _f(None, "float", "fail the cell below this average busbw; null: no floor",
+                                        gt=0.0, nullable=True)
+
+
+SECTIONS: dict[str, type] = {
+    c.NAME: c for c in (ModelConfig, DataConfig, ParallelConfig, RunConfig, ProfileConfig, NvmlConfig,
+                        CollectivesConfig)
+}
+
+
+def rule_for(dotted: str) -> Rule | None:
+    """The rule of a dotted key such as 'parallel.sp', or None when there is no such key."""
+    section, _, name = dotted.partition(".")
+    cls = SECTIONS.get(section)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+    return fields[name].metadata["rule"] if name in fields else None
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]

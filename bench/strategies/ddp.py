@@ -1,0 +1,54 @@
+"""ddp: `torch.nn.parallel.DistributedDataParallel`, whole weights on every rank, the gradients
+all-reduced in buckets once per step (`no_sync` on all but the last micro-batch), dp = world_size.
+
+Counting goes through a registered comm hook that records the bucket, then runs the stock
+`allreduce_hook`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from bench.strategies import peer_formula
+from bench.strategies.peer_trainer import PeerTrainer
+from isp_core.data import DataSpec
+from isp_core.engine import ISPSettings, build_reference_model
+from isp_core.model import LlamaConfig
+from isp_core.topology import CommGroup, ParallelTopology
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def counting_allreduce_hook(group: CommGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: count the bucket (the all-reduced buffer), then PyTorch's allreduce_hook."""
+    group.stats.record(group.name, "all_reduce", _nbytes(bucket.buffer()))
+    return allreduce_hook(group.pg, bucket)
+
+
+# DDP compares the hook's annotations with the classes themselves; this module's postponed
+# (string) annotations would fail that check.
+counting_allreduce_hook.__annotations__.update(bucket=dist.GradBucket, group=CommGroup,
+                                               **{"return": torch.futures.Future[torch.Tensor]})
+
+
+def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(), seed: int = 0,
+                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                  lr: float = 1e-3) -> PeerTrainer:
+    device = torch.device(device or "cpu")
+    model = build_reference_model(cfg, seed, dtype, device)
+    if topo.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model.register_comm_hook(topo.world, counting_allreduce_hook)
+    return PeerTrainer(model, "ddp", topo, lr)
+
+
+def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
+                   element_size: int) -> peer_formula.Counts:
+    return peer_formula.predicted_peer_comm("ddp", cfg, spec, world_size, sp, element_size)

@@ -1,0 +1,91 @@
+"""fsdp2: `torch.distributed.fsdp.fully_shard` on every block, then on the root (embedding, final
+norm, head), over all ranks: ZeRO-3 data parallelism, dp = world_size.
+
+Counting. FSDP2 issues its all-gathers and reduce-scatters through its `AllGather` and
+`ReduceScatter` objects (`set_custom_all_gather` / `set_custom_reduce_scatter`); here
+subclasses of its defaults record the bytes, then call the default. Nothing of
+torch.distributed is replaced; tests compare these counts with the c10d ops seen at the
+dispatcher and with bench/strategies/peer_formula.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+try:  # private module (torch 2.13): only used to count FSDP2's collectives
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+except ImportError:  # pragma: no cover - older or newer torch: FSDP2 runs, uncounted
+    DefaultAllGather = DefaultReduceScatter = object  # type: ignore[misc,assignment]
+    FSDP2_COUNTING = False
+else:
+    FSDP2_COUNTING = True
+
+from bench.strategies import peer_formula
+from bench.strategies.peer_trainer import PeerTrainer
+from isp_core.data import DataSpec
+from isp_core.engine import ISPSettings, build_reference_model
+from isp_core.model import LlamaConfig, LlamaModel
+from isp_core.topology import CommGroup, ParallelTopology
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class CountingAllGather(DefaultAllGather):
+    """FSDP2's default all-gather, counted as the full output (nccl-tests' convention)."""
+
+    def __init__(self, group: CommGroup) -> None:
+        super().__init__()
+        self.group = group
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+                 async_op: bool = False) -> Any:
+        self.group.stats.record(self.group.name, "all_gather", _nbytes(output_tensor))
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+class CountingReduceScatter(DefaultReduceScatter):
+    """FSDP2's default reduce-scatter, counted as the full input."""
+
+    def __init__(self, group: CommGroup) -> None:
+        super().__init__()
+        self.group = group
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
+                 async_op: bool = False) -> Any:
+        self.group.stats.record(self.group.name, "reduce_scatter", _nbytes(input_tensor))
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+
+def shard_with_fsdp2(model: LlamaModel, world: CommGroup, device: torch.device) -> None:
+    """fully_shard each block, then the root, with FSDP2's defaults (blocks reshard after
+    forward, the root does not) and counting collectives."""
+    mesh = init_device_mesh(device.type, (world.size,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if not FSDP2_COUNTING:
+        print("FSDP2 collectives cannot be counted with this torch: its bytes will not match the formula")
+        return
+    for module in [*model.layers, model]:
+        module.set_custom_all_gather(CountingAllGather(world))
+        module.set_custom_reduce_scatter(CountingReduceScatter(world))
+
+
+def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(), seed: int = 0,
+                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                  lr: float = 1e-3) -> PeerTrainer:
+    device = torch.device(device or "cpu")
+    model = build_reference_model(cfg, seed, dtype, device)
+    if topo.world_size > 1:
+        shard_with_fsdp2(model, topo.world, device)
+    return PeerTrainer(model, "fsdp2", topo, lr)
+
+
+def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
+                   element_size: int) -> peer_formula.Counts:
+    return peer_formula.predicted_peer_comm("fsdp2", cfg, spec, world_size, sp, element_size)

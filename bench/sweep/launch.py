@@ -1,0 +1,266 @@
+"""One cell as one torchrun job: the command, the kill on timeout, and why it failed.
+
+torchrun puts every worker in a session of its own, so killing torchrun's process group is
+not enough when it is itself stuck or killed: the workers it started are found first and
+killed by id afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.config.cell import CellConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_WORKER = "bench.worker"
+TAIL_LINES = 40
+# Any of these means the user chose how ranks meet; without them a single node is assumed.
+_RDZV = ("--standalone", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend",
+         "--master-addr", "--master_addr", "--master-port", "--master_port")
+_OOM = ("OutOfMemoryError", "CUDA out of memory")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    torchrun_args: tuple[str, ...] = ()  # passed to torchrun as given, e.g. --nnodes=2
+    worker_module: str = DEFAULT_WORKER
+    python: str = sys.executable
+    kill_grace_s: float = 10.0  # SIGTERM, then this long, then SIGKILL
+
+    def __post_init__(self) -> None:
+        if any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in self.torchrun_args):
+            raise ValueError("--torchrun-arg: --nproc-per-node is set from parallel.world_size / nnodes")
+        self.nnodes  # noqa: B018 -- parse now, so a bad --nnodes fails before any cell runs
+
+    @property
+    def nnodes(self) -> int:
+        args = list(self.torchrun_args)
+        for i, arg in enumerate(args):
+            name, eq, value = arg.partition("=")
+            if name in ("--nnodes",):
+                value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                lo, _, hi = value.partition(":")
+                if not lo.isdigit() or (hi and hi != lo) or int(lo) < 1:
+                    raise ValueError(f"--torchrun-arg --nnodes={value}: expected a fixed node count such as 2")
+                return int(lo)
+        return 1
+
+
+@dataclass(frozen=True)
+class CellPaths:
+    config: Path  # what the worker reads
+    result: Path  # what rank 0 writes on success
+    log_dir: Path  # rank<r>.log from the worker, torchrun.log from us
+
+    @classmethod
+    def under(cls, run_dir: Path, cell_id: str) -> CellPaths:
+        cell_dir = run_dir.resolve() / "cells" / cell_id
+        return cls(cell_dir / "config.json", cell_dir / "result.json", run_dir.resolve() / "logs" / cell_id)
+
+    @property
+    def torchrun_log(self) -> Path:
+        return self.log_dir / "torchrun.log"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # ok | failed | timeout
+    metrics: dict[str, Any] | None
+    error: dict[str, Any] | None
+    wall_s: float
+    interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.status in ("ok", "failed", "timeout"), self.status
+        assert (self.status == "ok") == (self.error is None), "an error goes with a failure only"
+
+
+def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str]:
+    passthrough = list(opts.torchrun_args)
+    if not any(a.split("=")[0] in _RDZV for a in passthrough):
+        passthrough.insert(0, "--standalone")
+    return [opts.python, "-m", "torch.distributed.run",
+            f"--nproc-per-node={cell.parallel.world_size // opts.nnodes}", *passthrough,
+            "-m", opts.worker_module, "--cell-config", str(paths.config), "--out", str(paths.result),
+            "--log-dir", str(paths.log_dir)]
+
+
+def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cell.run.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Share the cores between this node's ranks instead of every rank spinning on all of them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (cell.parallel.world_size // opts.nnodes)))
+    if cell.run.device == "cpu":
+        # Busy-waiting OpenMP threads lose their core to any other process and stall the step
+        # (seen here: 1.6 s instead of 0.25 s per step on a loaded 2-core machine); passive
+        # waiting keeps CPU figures sane when the machine is not idle.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
+    """Run the cell's torchrun job to its end, its timeout, or Ctrl-C (then interrupted=True)."""
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    paths.result.unlink(missing_ok=True)  # a result left by an earlier attempt must not count
+    start = time.monotonic()
+    with open(paths.torchrun_log, "w") as log:
+        log.write("$ " + " ".join(command(cell, paths, opts)) + "\n")
+        log.flush()
+        proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own group: Ctrl-C is ours to handle
+        try:
+            proc.wait(timeout=cell.run.timeout_s)
+        except subprocess.TimeoutExpired:
+            with _shielded():
+                kill_tree(proc, opts.kill_grace_s)
+            error = failure(paths, None, f"timeout after {cell.run.timeout_s:g}s")
+            return Outcome("timeout", None, error, time.monotonic() - start)
+        except KeyboardInterrupt:
+            with _shielded():
+                kill_tree(proc, opts.kill_grace_s)
+            return Outcome("failed", None, failure(paths, None, "interrupted"), time.monotonic() - start,
+                           interrupted=True)
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        metrics, reason = judged_result(paths.result)
+        return Outcome("failed", metrics, failure(paths, proc.returncode, reason), wall)
+    metrics, problem = read_result(paths.result)
+    if problem:
+        return Outcome("failed", None, failure(paths, 0, problem), wall)
+    return Outcome("ok", metrics, None, wall)
+
+
+def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        metrics = json.loads(path.read_text()).get("metrics")
+    except (OSError, ValueError, AttributeError) as exc:
+        return None, f"exited 0 but rank 0 left no readable result.json ({type(exc).__name__})"
+    if not isinstance(metrics, dict):
+        return None, "exited 0 but result.json has no 'metrics' mapping"
+    return metrics, None
+
+
+def judged_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A worker that fails its own cell (a collectives check) leaves result.json with its metrics
+    and an `error` string before exiting non-zero: both go into the record. (None, None) otherwise."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
+        return None, None
+    return (doc["metrics"] if isinstance(doc.get("metrics"), dict) else None), doc["error"]
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """A second Ctrl-C in the middle of a kill would leave ranks running: finish the kill first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def kill_tree(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM torchrun (it forwards to its workers), then SIGKILL whatever of the tree is left."""
+    tree = _descendants(proc.pid)  # before signalling: once torchrun dies its workers are orphans
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid, started in tree:
+        if _start_time(pid) == started:  # same process, not a reused pid
+            _signal_group(pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    for send in (os.killpg, os.kill):  # workers lead their own group; others may not
+        try:
+            send(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        # Field 22 (start time), counted after the ')' that ends the command name.
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below `root`, from /proc (empty where there is none)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return [(pid, t) for pid in found if (t := _start_time(pid)) is not None]
+
+
+def tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def failure(paths: CellPaths, exit_code: int | None, reason: str | None) -> dict[str, Any]:
+    """The record's `error`: reason, exit code, failing rank and the tail of the best log."""
+    torchrun_text = tail(paths.torchrun_log, 400)
+    rank, rank_code = _root_cause(torchrun_text)
+    rank_log = paths.log_dir / f"rank{rank if rank is not None else 0}.log"
+    log = rank_log if tail(rank_log) else paths.torchrun_log
+    if reason is None and any(m in tail(log) + torchrun_text for m in _OOM):
+        reason = "out of memory" + (f" on rank {rank}" if rank is not None else "")
+    elif reason is None:
+        reason = _reason(rank, rank_code, exit_code)
+    return {"reason": reason, "exit_code": rank_code if rank_code is not None else exit_code, "rank": rank,
+            "log_file": str(log.relative_to(paths.log_dir.parent.parent)), "log_tail": tail(log)}
+
+
+def _root_cause(text: str) -> tuple[int | None, int | None]:
+    """Failing rank and its exit code from torchrun's ChildFailedError report."""
+    section = text.rpartition("Root Cause")[2]
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", section, re.M)
+    code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", section, re.M)
+    return (int(rank.group(1)) if rank else None), (int(code.group(1)) if code else None)
+
+
+def _reason(rank: int | None, rank_code: int | None, exit_code: int | None) -> str:
+    who, code = (f"rank {rank}", rank_code) if rank is not None and rank_code is not None else ("torchrun", exit_code)
+    if code is not None and code < 0:
+        try:
+            name = f" ({signal.Signals(-code).name})"
+        except ValueError:
+            name = ""
+        return f"{who} killed by signal {-code}{name}"
+    hint = " (128+9: SIGKILL, often the kernel OOM killer)" if code == 137 else ""
+    return f"{who} exited with code {code}{hint}"

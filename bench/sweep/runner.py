@@ -1,0 +1,144 @@
+"""The sweep: one torchrun job per cell, one record per cell the moment it ends, progress as it goes.
+
+A results folder is complete at every instant: config.yaml, cells.json and env.json are written
+before the first cell starts and results.jsonl gains an fsync'ed line per finished cell, so a
+crash or Ctrl-C loses at most the cell that was running, and --resume picks up from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from bench.config.matrix import BenchConfig, Cell
+from bench.metrics import roofline
+from bench.metrics.collectives_spec import table_of
+from bench.results.records import SCHEMA_VERSION, append_record, read_records
+from bench.sweep import env_info
+from bench.sweep.launch import CellPaths, LaunchOptions, Outcome, launch
+
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def new_run_dir(results_dir: Path, name: str, now: datetime | None = None) -> Path:
+    """results/<UTC YYYYmmdd-HHMMSS>_<name>/, with -2, -3... if two runs start in one second."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    base = results_dir / f"{stamp}_{name}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def prepare(run_dir: Path, bench: BenchConfig, command_line: list[str]) -> None:
+    """What --resume and the reports need, written before any cell runs."""
+    doc = {"name": bench.name, **bench.doc}
+    (run_dir / "config.yaml").write_text(f"# from {bench.source}\n" + yaml.safe_dump(doc, sort_keys=False))
+    cells = [{"cell": c.id, "swept": c.swept, "config": c.config.to_dict()} for c in bench.cells]
+    (run_dir / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")
+    (run_dir / "env.json").write_text(json.dumps(env_info.collect(command_line), indent=1) + "\n")
+
+
+def saved_cell_ids(run_dir: Path) -> list[str]:
+    return [c["cell"] for c in json.loads((run_dir / "cells.json").read_text())]
+
+
+def ok_cells(run_dir: Path) -> set[str]:
+    """Cells whose newest record is ok: what --resume leaves alone."""
+    newest = {r["cell"]: r.get("status") for r in read_records(run_dir)}
+    return {cell for cell, status in newest.items() if status == "ok"}
+
+
+def make_record(run_dir: Path, cell: Cell, started_utc: str, outcome: Outcome) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "run": run_dir.name, "cell": cell.id, "status": outcome.status,
+            "swept": cell.swept, "config": cell.config.to_dict(), "metrics": outcome.metrics,
+            "error": outcome.error, "started_utc": started_utc, "wall_s": round(outcome.wall_s, 3)}
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress(outcome: Outcome, elapsed: float, durations: list[float], left: int) -> str:
+    """'ok 12.3s (elapsed 1m02s, ~2m10s left)'; the ETA is the mean cell time so far."""
+    eta = f", ~{fmt_duration(sum(durations) / len(durations) * left)} left" if left else ""
+    reason = f": {outcome.error['reason']}" if outcome.error else ""
+    return f"{outcome.status} {outcome.wall_s:.1f}s{reason} (elapsed {fmt_duration(elapsed)}{eta})"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A batch scheduler cancels with SIGTERM: treat it as Ctrl-C so the summary still gets written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]) -> None:
+    """The worker's inputs: the cell's config and, for a training cell, the link curves its
+    metrics.roofline is computed from (this run's collectives cells, then --link-profile's)."""
+    paths.config.parent.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(json.dumps(cell.config.to_dict(), indent=1) + "\n")
+    links = paths.config.parent / roofline.LINKS_FILE
+    if cell.config.run.kind == "training" and curves:
+        links.write_text(json.dumps(roofline.curves_to_json(curves)) + "\n")
+    else:
+        links.unlink(missing_ok=True)
+
+
+def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout,
+              link_profile: Path | None = None) -> int:
+    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep."""
+    results = run_dir / "results.jsonl"
+    linked = roofline.load_curves(link_profile) if link_profile is not None else []
+    # Collectives cells first, so the training cells after them get a roofline from this run.
+    cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
+    start, durations, failed = time.monotonic(), [], 0
+    with _sigterm_as_interrupt():
+        try:
+            for k, cell in enumerate(cells, 1):
+                print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)
+                paths = CellPaths.under(run_dir, cell.id)
+                write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
+                started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                outcome = launch(cell.config, paths, opts)
+                append_record(results, make_record(run_dir, cell, started, outcome))
+                durations.append(outcome.wall_s)
+                failed += outcome.status != "ok"
+                print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)
+                if (table := table_of(outcome.metrics)) is not None:
+                    print(table, file=out, flush=True)
+                if outcome.interrupted:
+                    return EXIT_INTERRUPTED
+        except KeyboardInterrupt:  # between cells, when no job is running to kill
+            print("interrupted", file=out, flush=True)
+            return EXIT_INTERRUPTED
+    return EXIT_FAILED_CELLS if failed else EXIT_OK

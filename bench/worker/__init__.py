@@ -1,0 +1,1 @@
+"""Stage 3, one cell on every rank (python -m bench.worker): build, time, sample, profile, gather."""

@@ -1,0 +1,189 @@
+"""One training cell on every rank: build the strategy's trainer, warm up, measure, profile,
+gather what every rank saw, and (rank 0) assemble the metrics.
+
+Phases, each a short function: set up the process group and device, build the model,
+warm up, time the measured steps (with the NVML sampler running), time a few steps
+without the sampler (its overhead), profile separate steps (so tracing never distorts the
+timings), reduce across ranks. `bench/worker/__main__.py` runs it under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from bench import strategies
+from bench.config.cell import CellConfig
+from bench.metrics import loss_check
+from bench.metrics.assemble import assemble_metrics
+from bench.metrics.measurement import Measurement, RankMeasurement
+from bench.strategies.common import TORCH_DTYPES, data_spec, model_config, to_device
+from bench.worker.memory import peak_memory, reset_peak
+from bench.worker.nvml import NvmlSampler, local_device_ids
+from bench.worker.profiling import Profiler, dump_memory_snapshot, start_memory_history, steps_needed, stop_memory_history
+from bench.worker.timing import StepTimer, reduce_max_across_ranks
+from isp_core.data import DataSpec, MicroBatch, micro_batches
+from isp_core.engine import ISPSettings
+from isp_core.topology import ParallelTopology
+
+NVML_OVERHEAD_STEPS = 3
+
+
+@dataclass
+class Cell:
+    """Everything one rank needs to run the cell."""
+
+    config: CellConfig
+    cell_id: str
+    run_dir: Path
+    rank: int
+    device: torch.device
+    topo: ParallelTopology
+    trainer: Any  # the strategy's trainer: train_step(micro_batches) -> float
+    spec: DataSpec
+
+
+def setup(config: CellConfig) -> torch.device:
+    run = config.run
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if run.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) != config.parallel.world_size:
+        raise RuntimeError(f"torchrun started {os.environ.get('WORLD_SIZE')} ranks but the cell "
+                           f"needs parallel.world_size={config.parallel.world_size}")
+    dist.init_process_group(run.backend)
+    return device
+
+
+def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device) -> Cell:
+    p = config.parallel
+    topo = ParallelTopology.from_env(p.sp, p.wp)
+    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, ISPSettings(p.overlap, p.memory_pool),
+                                       seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
+                                       lr=config.run.lr)
+    print(f"strategy {p.strategy}; {topo}", flush=True)
+    return Cell(config, cell_id, run_dir, topo.rank, device, topo, trainer, data_spec(config))
+
+
+def batches_for(cell: Cell, step: int) -> list[MicroBatch]:
+    topo = cell.topo
+    return to_device(micro_batches(cell.spec, step, topo.dp, topo.dp_rank, topo.sp, topo.sequence.rank), cell.device)
+
+
+def run_steps(cell: Cell, first_step: int, count: int, timer: Optional[StepTimer] = None,
+              profiler: Optional[Profiler] = None) -> list[float]:
+    """Train `count` steps (data prepared before the clock starts); returns the local losses."""
+    losses = []
+    for step in range(first_step, first_step + count):
+        batches = batches_for(cell, step)
+        if timer is None:
+            losses.append(cell.trainer.train_step(batches))
+        else:
+            with timer.step():
+                losses.append(cell.trainer.train_step(batches))
+        if profiler is not None:
+            profiler.step()
+    return losses
+
+
+@dataclass
+class LocalMeasurement:
+    """What this rank measured, before the ranks agree on the step times."""
+
+    samples: list[float]
+    rank: RankMeasurement
+    first_measured_step: int
+    nvml_off_samples: Optional[list[float]] = None
+
+
+def measure(cell: Cell) -> LocalMeasurement:
+    run, stats = cell.config.run, cell.topo.stats
+    step = 0
+    run_steps(cell, step, run.warmup_steps)
+    step += run.warmup_steps
+    reset_peak(cell.device)
+    stats.reset()
+    sampler = make_sampler(cell)
+    timer = StepTimer(cell.device)
+    if sampler is not None:
+        sampler.start()
+    losses = run_steps(cell, step, run.measure_steps, timer)
+    if sampler is not None:
+        sampler.stop()
+    step += run.measure_steps
+    comm = stats.snapshot()
+    stats.enabled = False  # later phases must not change the per-step counts
+    out = LocalMeasurement(timer.samples, RankMeasurement(losses, comm, peak_memory(cell.device)), run.warmup_steps)
+    if sampler is not None:
+        out.rank.nvml = sampler.summary(run.measure_steps, cell.config.tokens_per_step)
+        if sampler.available:
+            without = StepTimer(cell.device)
+            run_steps(cell, step, NVML_OVERHEAD_STEPS, without)
+            step += NVML_OVERHEAD_STEPS
+            out.nvml_off_samples = without.samples
+        sampler.close()
+    out.rank.profile = profile(cell, step)
+    return out
+
+
+def make_sampler(cell: Cell) -> Optional[NvmlSampler]:
+    """None when NVML is switched off; otherwise a sampler, which may report itself unavailable."""
+    enabled = cell.config.nvml.enabled
+    if enabled is False:
+        return None
+    # NVML numbers GPUs its own way; local_device_ids() maps this rank's CUDA device to it by UUID.
+    ids = local_device_ids() if cell.device.type == "cuda" else []
+    sampler = NvmlSampler(ids, cell.config.nvml.interval_ms)
+    if cell.device.type != "cuda" and sampler.available:
+        sampler.close()
+        return None
+    return sampler
+
+
+def profile(cell: Cell, first_step: int) -> Optional[dict[str, Any]]:
+    settings = cell.config.profile
+    if not settings.enabled:
+        return None
+    trace_root = cell.run_dir / "traces"
+    snapshot = settings.memory_snapshot and cell.device.type == "cuda" and start_memory_history()
+    with Profiler(settings, cell.cell_id, cell.rank, trace_root=trace_root) as prof:
+        run_steps(cell, first_step, steps_needed(settings), profiler=prof)
+    out: dict[str, Any] = {"traces": [str(p) for p in prof.trace_paths], "active_steps": settings.active}
+    if snapshot:
+        # Loadable by PyTorch's memory_viz; covers the profiled steps only, like the traces.
+        path = dump_memory_snapshot(trace_root / cell.cell_id / f"rank{cell.rank}_memory.pickle")
+        stop_memory_history()
+        out["memory_snapshot"] = str(path)
+    return out
+
+
+def gather_per_rank(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device,
+             link_curves: Optional[list[Any]] = None) -> Optional[dict]:
+    """Measure on every rank; rank 0 returns the cell's metrics, the others None."""
+    cell = build(config, cell_id, run_dir, device)
+    local = measure(cell)
+    samples = reduce_max_across_ranks(local.samples)
+    off = reduce_max_across_ranks(local.nvml_off_samples) if local.nvml_off_samples is not None else None
+    ranks = gather_per_rank(local.rank)
+    if cell.rank != 0:
+        return None
+    pool = getattr(cell.trainer, "memory_pool", None)
+    # After every rank is done measuring: the single-process reference never touches the timings.
+    reference = None if loss_check.skip_reason(config) else loss_check.reference_losses(config, device)
+    measurement = Measurement(samples, local.first_measured_step, ranks, off,
+                              pool.bytes_held()["total"] if pool is not None else 0, reference, link_curves or [])
+    return assemble_metrics(cell.config, measurement, device)

@@ -7,6 +7,7 @@ usage error (one line per problem on stderr, no traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -22,6 +23,8 @@ from bench.sweep import runner
 from bench.config.checks import probe_host
 from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions
 from bench.config.matrix import BenchConfig, Cell, load_config
+from bench.sweep import multinode, nodes
+from bench.sweep.nodes import DEFAULT_RDZV_TIMEOUT_S
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
 SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history"}
@@ -49,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG to torchrun, e.g. --torchrun-arg=--nnodes=2 "
                         "--torchrun-arg=--rdzv-endpoint=host:29500 (default: --standalone)")
+    several = p.add_argument_group("several nodes (docs/nodes.md; inside a Slurm step none of these is needed)")
+    several.add_argument("--nnodes", type=int, help="how many nodes run this same command")
+    several.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1; node 0 owns the run folder")
+    several.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                         help="node 0's address and a free port: its runner hosts torch's c10d store there")
+    several.add_argument("--rdzv-timeout", type=float, default=DEFAULT_RDZV_TIMEOUT_S, metavar="S",
+                         help="how long a cell waits for every node before it fails (default %(default)gs)")
     return p
 
 
@@ -75,11 +85,17 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
 
 def _run(args: argparse.Namespace, command_line: list[str]) -> int:
     opts = _options(args)
-    if args.link_profile is not None and not roofline.load_curves(args.link_profile):
+    spec = None if args.dry_run else nodes.resolve(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
+    if spec is not None:
+        multinode.check_options(opts)
+        opts = dataclasses.replace(opts, torchrun_args=(f"--nnodes={spec.nnodes}", *opts.torchrun_args))
+    if args.link_profile is not None and (spec is None or spec.is_head) and not roofline.load_curves(args.link_profile):
         why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
                "; allowed: a run folder of a collectives config")
         raise ConfigError([why])
     host = None if args.dry_run else probe_host(opts.nnodes)
+    if spec is not None:
+        return _run_on_nodes(args, spec, opts, host, command_line)
     if args.resume is not None:
         bench, cells = _resumable(args, host)
         run_dir: Path = args.resume
@@ -97,6 +113,28 @@ def _run(args: argparse.Namespace, command_line: list[str]) -> int:
     print(report.write_summary(run_dir))
     print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
     return code
+
+
+def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOptions, host: object,
+                  command_line: list[str]) -> int:
+    """Node 0 plans and owns the folder, as one node would; the others take its plan (multinode.py)."""
+    def head_plan() -> tuple[Path, list[Cell]]:
+        if args.resume is not None:
+            return args.resume, _resumable(args, host)[1]
+        bench = load_config(args.config, args.set, args.filter, host)  # type: ignore[arg-type]
+        run_dir = runner.new_run_dir(args.results_dir, bench.name)
+        runner.prepare(run_dir, bench, command_line)
+        return run_dir, list(bench.cells)
+
+    def sweep(run_dir: Path, cells: list[Cell], launcher: multinode.lockstep.LaunchFn) -> int:
+        link = args.link_profile if spec.is_head else None
+        return runner.run_cells(run_dir, cells, opts, link_profile=link, launcher=launcher)
+
+    def summarize(run_dir: Path) -> None:
+        print(report.write_summary(run_dir))
+        print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
+
+    return multinode.run(spec, args.results_dir, head_plan, sweep, summarize)
 
 
 def _resumable(args: argparse.Namespace, host: object) -> tuple[BenchConfig, list[Cell]]:

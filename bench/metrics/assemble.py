@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -60,19 +61,26 @@ def flops_metrics(config: CellConfig, first_step: int, median_s: float, device: 
     return {"flops_per_step": flops, "tflops_per_rank": tflops, "peak_tflops": peak, "mfu": mfu(tflops, peak)}
 
 
-def trace_metrics(config: CellConfig, profile: Optional[dict], counted: dict) -> Optional[dict[str, Any]]:
-    """Overlap and per-kind communication time from this rank's first trace (per step)."""
-    if not profile or not profile["traces"]:
-        return None
-    with gzip.open(profile["traces"][0], "rt") as f:
+def trace_timeline(config: CellConfig, trace_path: str | Path, active_steps: int) -> dict[str, Any]:
+    """Overlap and per-kind communication time (per step) from one rank's trace file. Each rank
+    runs this on its own trace, where the file is: on several nodes rank 0 cannot read the others'."""
+    with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
-    steps = profile["active_steps"]
     comm, compute = intervals_from_chrome_trace(trace, config.run.device)
     stats = overlap_stats(comm, compute)
     for key in ("comm_s", "compute_s", "exposed_comm_s"):
-        stats[key] = stats[key] / steps
-    times = {kind: t / steps for kind, t in comm_time_by_kind(trace).items()}
-    return {"overlap": stats, "comm_time_s": times, "bandwidth": bandwidth(config, counted, times)}
+        stats[key] = stats[key] / active_steps
+    times = {kind: t / active_steps for kind, t in comm_time_by_kind(trace).items()}
+    return {"overlap": stats, "comm_time_s": times}
+
+
+def trace_metrics(config: CellConfig, profile: Optional[dict], counted: dict) -> Optional[dict[str, Any]]:
+    """Overlap, communication time and bandwidth per kind from this rank's first trace: its
+    `timeline` as the rank computed it, else (a profile without one) read from the file."""
+    if not profile or not profile["traces"]:
+        return None
+    timeline = profile.get("timeline") or trace_timeline(config, profile["traces"][0], profile["active_steps"])
+    return {**timeline, "bandwidth": bandwidth(config, counted, timeline["comm_time_s"])}
 
 
 def bandwidth(config: CellConfig, counted: dict, times: dict[str, float]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.config import CellConfig
-from bench.launch import CellPaths, LaunchOptions, Outcome, judged_result, launch, read_result
+from bench.metrics.roofline import LINKS_FILE
+from bench.sweep.launch import CellPaths, LaunchOptions, Outcome, judged_result, launch, read_result
 from bench.sweep.team import NodeLost, Team
 
 LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
@@ -59,7 +60,7 @@ def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, op
     if team.heartbeat.stop_reason:
         return _interrupted_before(team, start)
     team.put(f"c{n}/arrived/{team.spec.node_rank}", True)
-    if (refused := _go(team, n, start)) is not None:
+    if (refused := _go(team, n, start, paths)) is not None:
         return refused
     local = _launch(team, launch_fn, config, paths, torchrun_args(team, n, opts))
     if team.spec.is_head:
@@ -91,13 +92,24 @@ def _stopped(team: Team) -> Callable[[], str | None]:
     return lambda: team.heartbeat.stop_reason
 
 
-def _go(team: Team, n: int, start: float) -> Outcome | None:
-    """None: launch. Otherwise the cell's outcome without a launch (a node missing or lost)."""
+def _go(team: Team, n: int, start: float, paths: CellPaths) -> Outcome | None:
+    """None: launch. Otherwise the cell's outcome without a launch (a node missing or lost).
+
+    The go carries node 0's link curves (links.json, for metrics.roofline): global rank 0,
+    which computes the record, may run on any node and must see the same inputs.
+    """
     arrived = [f"c{n}/arrived/{r}" for r in range(team.spec.nnodes)]
+    links = paths.config.parent / LINKS_FILE
     if not team.spec.is_head:
         if team.wait_for(lambda: team.has(f"c{n}/go") or team.has(f"c{n}/final"), give_up=_stopped(team)):
             return _interrupted_before(team, start)
-        return None if team.has(f"c{n}/go") else _from_json(team.take(f"c{n}/final"))
+        if not team.has(f"c{n}/go"):
+            return _from_json(team.take(f"c{n}/final"))
+        if (text := team.take(f"c{n}/go")["links"]) is not None:
+            links.write_text(text)
+        else:
+            links.unlink(missing_ok=True)
+        return None
     timeout = team.spec.rdzv_timeout_s
     lost = team.lost_from(team.others)
     why = team.wait_for(lambda: team.has(*arrived), timeout, lambda: _stopped(team)() or lost())
@@ -106,7 +118,7 @@ def _go(team: Team, n: int, start: float) -> Outcome | None:
         team.put(f"c{n}/final", _as_json(outcome))
         return outcome
     if why is None:
-        team.put(f"c{n}/go", True)
+        team.put(f"c{n}/go", {"links": links.read_text() if links.is_file() else None})
         return None
     if why == "timeout":
         missing = [str(r) for r, key in enumerate(arrived) if not team.has(key)]

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.config import CellConfig, ConfigError
-from bench.matrix import Cell
-from bench import env_info
-from bench.sweep import lockstep
-from bench.launch import LaunchOptions
+from bench.config.matrix import Cell
+from bench.sweep import env_info, lockstep
+from bench.sweep.launch import LaunchOptions
 from bench.sweep.nodes import NodeSpec
-from bench.runner import EXIT_FAILED_CELLS, EXIT_INTERRUPTED
+from bench.sweep.runner import EXIT_FAILED_CELLS, EXIT_INTERRUPTED
 from bench.sweep.team import NodeLost, Team
 
 # What env.json says about every node (compare diffs the flat keys, which stay node 0's).

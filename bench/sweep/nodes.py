@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bench.config import ConfigError
+from bench.config.schema import ConfigError
 
 DEFAULT_RDZV_TIMEOUT_S = 300.0
 PORT_ENV = "ISP_BENCH_RDZV_PORT"  # Slurm: the endpoint's port, where the default could clash

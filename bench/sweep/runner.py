@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -115,8 +115,9 @@ def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]
 
 
 def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout,
-              link_profile: Path | None = None) -> int:
-    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep."""
+              link_profile: Path | None = None, launcher: Callable[..., Outcome] = launch) -> int:
+    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep.
+    `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several."""
     results = run_dir / "results.jsonl"
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
     # Collectives cells first, so the training cells after them get a roofline from this run.
@@ -129,7 +130,7 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
                 paths = CellPaths.under(run_dir, cell.id)
                 write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
                 started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                outcome = launch(cell.config, paths, opts)
+                outcome = launcher(cell.config, paths, opts)
                 append_record(results, make_record(run_dir, cell, started, outcome))
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from bench import strategies
 from bench.config.cell import CellConfig
 from bench.metrics import loss_check
-from bench.metrics.assemble import assemble_metrics
+from bench.metrics.assemble import assemble_metrics, trace_timeline
 from bench.metrics.measurement import Measurement, RankMeasurement
 from bench.strategies.common import TORCH_DTYPES, data_spec, model_config, to_device
 from bench.worker.memory import peak_memory, reset_peak
@@ -156,12 +156,17 @@ def profile(cell: Cell, first_step: int) -> Optional[dict[str, Any]]:
     snapshot = settings.memory_snapshot and cell.device.type == "cuda" and start_memory_history()
     with Profiler(settings, cell.cell_id, cell.rank, trace_root=trace_root) as prof:
         run_steps(cell, first_step, steps_needed(settings), profiler=prof)
-    out: dict[str, Any] = {"traces": [str(p) for p in prof.trace_paths], "active_steps": settings.active}
+    # Paths as they are in the run folder (node 0's, where every node's traces end up), and this
+    # rank's trace figures computed here, where its file is (no shared disk across nodes).
+    out: dict[str, Any] = {"traces": [str(p.relative_to(cell.run_dir)) for p in prof.trace_paths],
+                           "active_steps": settings.active}
+    if prof.trace_paths:
+        out["timeline"] = trace_timeline(cell.config, prof.trace_paths[0], settings.active)
     if snapshot:
         # Loadable by PyTorch's memory_viz; covers the profiled steps only, like the traces.
         path = dump_memory_snapshot(trace_root / cell.cell_id / f"rank{cell.rank}_memory.pickle")
         stop_memory_history()
-        out["memory_snapshot"] = str(path)
+        out["memory_snapshot"] = str(path.relative_to(cell.run_dir)) if path else None
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ BASE = {
     "run": {"warmup_steps": 1, "measure_steps": 3, "timeout_s": 240},
     "profile": {"enabled": False},
 }
+PROFILED = {**BASE, "profile": {"enabled": True, "wait": 0, "warmup": 1, "active": 2}}
 
 
 def free_port() -> int:
@@ -100,9 +102,7 @@ def wait_for_rank_log(folder: Path, timeout: float = 180) -> None:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
-    config = {"name": "nodes", "base": BASE, "matrix": {"parallel.world_size": [2, 4]},
-              "include": [{"parallel.world_size": 4, "profile.enabled": True, "profile.wait": 0,
-                           "profile.warmup": 1, "profile.active": 2}]}
+    config = {"name": "nodes", "base": PROFILED, "matrix": {"parallel.world_size": [2, 4]}}
     nodes = Nodes(tmp_path_factory.mktemp("nodes"), config)
     codes = nodes.wait()
     assert codes == [0, 0], nodes.output(0) + nodes.output(1)
@@ -116,7 +116,7 @@ def test_every_cell_ok_on_both_nodes_with_the_reference_losses(sweep: Nodes) -> 
         assert record["metrics"]["loss_matches_reference"] is True  # the world-size-1 reference
     assert records[4]["metrics"]["loss"] == pytest.approx(records[2]["metrics"]["loss"], rel=1e-5)
     for rank in (0, 1):
-        assert sweep.output(rank).count(" ok ") == 2, sweep.output(rank)
+        assert len(re.findall(r"^\[\d/2\] ws\d \.\.\. ok ", sweep.output(rank), re.M)) == 2, sweep.output(rank)
 
 
 def test_node_0_folder_holds_every_ranks_log_and_trace(sweep: Nodes) -> None:
@@ -125,10 +125,12 @@ def test_node_0_folder_holds_every_ranks_log_and_trace(sweep: Nodes) -> None:
         logs = {p.name for p in (run_dir / "logs" / cell).iterdir()}
         assert logs == {*(f"rank{r}.log" for r in range(world)), "torchrun.log", "torchrun.node1.log"}, logs
         assert all((run_dir / "logs" / cell / f"rank{r}.log").stat().st_size > 0 for r in range(world))
-    traces = sorted(p.name for p in (run_dir / "traces" / "ws4").iterdir())
-    assert traces == [f"rank{r}.json.gz" for r in range(4)]
-    overlap = {r["cell"]: r["metrics"].get("overlap") for r in sweep.records()}
-    assert len(overlap["ws4"]["per_rank"]) == 4  # every rank's trace figures reached the record
+        traces = sorted(p.name for p in (run_dir / "traces" / cell).iterdir())
+        assert traces == [f"rank{r}.json.gz" for r in range(world)]
+    for record in sweep.records():  # every rank's trace figures reached the record, paths in node 0's folder
+        world = record["config"]["parallel"]["world_size"]
+        assert len(record["metrics"]["overlap"]["per_rank"]) == world
+        assert all((run_dir / p).is_file() for p in record["metrics"]["traces"]) and len(record["metrics"]["traces"]) == world
     env = json.loads((run_dir / "env.json").read_text())
     assert env["nnodes"] == 2 and [n["node_rank"] for n in env["nodes"]] == [0, 1]
     assert all(n["hostname"] for n in env["nodes"])
@@ -164,7 +166,7 @@ def test_a_node_killed_mid_cell_fails_that_cell_on_both_and_the_sweep_goes_on(tm
 
 
 def test_sigterm_on_node_1_stops_both_and_resume_from_node_0_finishes(tmp_path: Path) -> None:
-    config = {"name": "stop", "base": BASE, "matrix": {"run.measure_steps": [60, 2]}}
+    config = {"name": "stop", "base": {**BASE, "run": {**BASE["run"], "measure_steps": 40}}}
     nodes = Nodes(tmp_path, config)
     wait_for_rank_log(tmp_path / "r1")
     nodes.procs[1].send_signal(signal.SIGTERM)
@@ -174,8 +176,8 @@ def test_sigterm_on_node_1_stops_both_and_resume_from_node_0_finishes(tmp_path: 
     run_dir = nodes.run_dir()
     again = Nodes(tmp_path, None, "--resume", str(run_dir))
     assert again.wait() == [0, 0], again.output(0) + again.output(1)
-    newest = {r["cell"]: r["status"] for r in nodes.records()}
-    assert set(newest.values()) == {"ok"} and len(newest) == 2
+    assert [r["status"] for r in nodes.records()][-1] == "ok"
+    assert "resume" in again.output(0) and "1 to run" in again.output(0)
 
 
 def test_a_node_that_never_arrives_fails_the_cell_with_the_reason(tmp_path: Path) -> None:

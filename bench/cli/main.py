@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tabulate import tabulate
@@ -21,9 +22,9 @@ from bench.metrics import roofline
 from bench.results import report
 from bench.sweep import runner
 from bench.config.checks import probe_host
-from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions
+from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions, Outcome
 from bench.config.matrix import BenchConfig, Cell, load_config
-from bench.sweep import multinode, nodes
+from bench.sweep import nodes
 from bench.sweep.nodes import DEFAULT_RDZV_TIMEOUT_S
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace, command_line: list[str]) -> int:
     opts = _options(args)
     spec = None if args.dry_run else nodes.resolve(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
     if spec is not None:
-        multinode.check_options(opts)
+        nodes.check_options(opts.torchrun_args)
         opts = dataclasses.replace(opts, torchrun_args=(f"--nnodes={spec.nnodes}", *opts.torchrun_args))
     if args.link_profile is not None and (spec is None or spec.is_head) and not roofline.load_curves(args.link_profile):
         why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
@@ -126,13 +127,15 @@ def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOp
         runner.prepare(run_dir, bench, command_line)
         return run_dir, list(bench.cells)
 
-    def sweep(run_dir: Path, cells: list[Cell], launcher: multinode.lockstep.LaunchFn) -> int:
+    def sweep(run_dir: Path, cells: list[Cell], launcher: Callable[..., Outcome]) -> int:
         link = args.link_profile if spec.is_head else None
         return runner.run_cells(run_dir, cells, opts, link_profile=link, launcher=launcher)
 
     def summarize(run_dir: Path) -> None:
         print(report.write_summary(run_dir))
         print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
+
+    from bench.sweep import multinode  # torch.distributed's store: only a several-node sweep needs it
 
     return multinode.run(spec, args.results_dir, head_plan, sweep, summarize)
 

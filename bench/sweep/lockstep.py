@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.config import CellConfig
 from bench.metrics.roofline import LINKS_FILE
-from bench.sweep.launch import CellPaths, LaunchOptions, Outcome, judged_result, launch, read_result
-from bench.sweep.team import NodeLost, Team
+from bench.sweep.launch import (
+    CellPaths,
+    LaunchOptions,
+    Outcome,
+    judged_result,
+    launch,
+    read_result,
+)
+from bench.sweep.team import Team
 
 LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
 INTERRUPTED_WAIT_S = 30.0  # after a stop, how long node 0 waits for the others' files
@@ -184,7 +192,9 @@ def _receive(team: Team, n: int, run_dir: Path, r: int) -> Outcome:
 def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome, start: float) -> Outcome:
     """Node 0: every node's outcome and files in, one verdict out."""
     keys = {r: f"c{n}/outcome/{r}" for r in team.others}
-    pending = lambda: [r for r, k in keys.items() if not team.has(k)]  # noqa: E731
+    def pending() -> list[int]:
+        return [r for r, k in keys.items() if not team.has(k)]
+
     why = team.wait_for(lambda: not pending(), give_up=_lost_or_late(team, pending))
     per_node: dict[int, Outcome | str] = {0: local}
     for r in team.others:
@@ -225,5 +235,3 @@ def merge(per_node: dict[int, Outcome | str], paths: CellPaths, wall_s: float) -
     metrics, _ = judged_result(paths.result)  # a collectives check that failed still has its figures
     return Outcome(status, metrics, error, wall_s, interrupted=interrupted)
 
-
-__all__ = ["NodeLost", "run_cell", "merge", "torchrun_args"]

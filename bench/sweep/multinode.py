@@ -15,13 +15,13 @@ import json
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.config import CellConfig, ConfigError
 from bench.config.matrix import Cell
 from bench.sweep import env_info, lockstep
-from bench.sweep.launch import LaunchOptions
 from bench.sweep.nodes import NodeSpec
 from bench.sweep.runner import EXIT_FAILED_CELLS, EXIT_INTERRUPTED
 from bench.sweep.team import NodeLost, Team
@@ -33,21 +33,6 @@ FINISH_WAIT_S = 60.0
 
 HeadPlan = Callable[[], tuple[Path, list[Cell]]]  # run folder (created) and the cells to run
 Sweep = Callable[[Path, list[Cell], lockstep.LaunchFn], int]  # the runner, with its launcher
-
-
-def check_options(opts: LaunchOptions) -> None:
-    """The torchrun flags that say how nodes meet are this module's to set."""
-    ours = ("--nnodes", "--node-rank", "--node_rank", "--standalone", *_rdzv_flags())
-    clash = [a for a in opts.torchrun_args if a.split("=")[0] in ours]
-    if clash:
-        raise ConfigError([f"--torchrun-arg {' '.join(clash)}: with several nodes the runner sets these; "
-                           "use --nnodes/--node-rank/--rdzv-endpoint (or Slurm) instead"])
-
-
-def _rdzv_flags() -> tuple[str, ...]:
-    return ("--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend", "--rdzv-id",
-            "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--master-addr", "--master_addr", "--master-port",
-            "--master_port")
 
 
 def node_entry(node_rank: int) -> dict[str, Any]:

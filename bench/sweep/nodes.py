@@ -67,8 +67,8 @@ def from_flags(nnodes: int | None, node_rank: int | None, endpoint: str | None,
         return None  # --nnodes 1 alone: one node, as without the flag
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise ConfigError([f"{', '.join(missing)} missing: several nodes need --nnodes, --node-rank "
-                           "and --rdzv-endpoint together (or none of them, inside Slurm)"])
+        raise ConfigError([(f"{', '.join(missing)} missing: several nodes need --nnodes, --node-rank "
+                            "and --rdzv-endpoint together (or none of them, inside Slurm)")])
     host, port = parse_endpoint(endpoint)  # type: ignore[arg-type]
     try:
         return NodeSpec(int(nnodes), int(node_rank), host, port, "flags", rdzv_timeout_s)  # type: ignore[arg-type]
@@ -105,11 +105,26 @@ def from_slurm(env: Mapping[str, str] = os.environ,
         return None
     tasks = env.get("SLURM_STEP_NUM_TASKS", nnodes)
     if tasks != nnodes:
-        raise ConfigError([f"Slurm: the step runs {tasks} tasks on {nnodes} nodes; the runner needs one "
-                           "task per node (srun --ntasks-per-node=1), torchrun starts the ranks"])
+        raise ConfigError([(f"Slurm: the step runs {tasks} tasks on {nnodes} nodes; the runner needs one "
+                            "task per node (srun --ntasks-per-node=1), torchrun starts the ranks")])
     port = int(env.get(PORT_ENV) or SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 2000)
     host = head_address(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
     return NodeSpec(int(nnodes), int(env["SLURM_NODEID"]), host, port, "slurm", rdzv_timeout_s)
+
+
+def check_options(torchrun_args: tuple[str, ...]) -> None:
+    """The torchrun flags that say how nodes meet are this module's to set."""
+    ours = ("--nnodes", "--node-rank", "--node_rank", "--standalone", *_rdzv_flags())
+    clash = [a for a in torchrun_args if a.split("=")[0] in ours]
+    if clash:
+        raise ConfigError([(f"--torchrun-arg {' '.join(clash)}: with several nodes the runner sets these; "
+                            "use --nnodes/--node-rank/--rdzv-endpoint (or Slurm) instead")])
+
+
+def _rdzv_flags() -> tuple[str, ...]:
+    return ("--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend", "--rdzv-id",
+            "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--master-addr", "--master_addr", "--master-port",
+            "--master_port")
 
 
 def resolve(nnodes: int | None, node_rank: int | None, endpoint: str | None,

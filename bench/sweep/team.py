@@ -24,9 +24,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch.distributed import TCPStore
 

@@ -7,7 +7,6 @@ Debian packages are missing or the daemons cannot start.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -74,9 +74,12 @@ def _head(team: Team, head_plan: HeadPlan, sweep: Sweep) -> tuple[Path, int]:
     try:
         run_dir, cells = head_plan()
     except ConfigError as exc:
+        for line in exc.messages:  # at once: the wait below can be long
+            print(line, file=sys.stderr, flush=True)
         team.publish_plan({"error": exc.messages})
+        team.node_envs(team.spec.rdzv_timeout_s)  # the others may not be there yet to read it
         team.finish(FINISH_WAIT_S)
-        raise
+        raise ConfigError([]) from None  # printed above; the exit code stays 2
     team.run_name = run_dir.name
     team.publish_plan({"run": run_dir.name, "run_dir": str(run_dir.resolve()), "host": socket.gethostname(),
                        "cells": [{"id": c.id, "swept": c.swept, "config": c.config.to_dict()} for c in cells]})

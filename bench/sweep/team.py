@@ -90,13 +90,11 @@ class Heartbeat(threading.Thread):
                 return
 
     def lost(self, ranks: list[int]) -> list[int]:
-        """Of `ranks`, those whose heartbeat has not moved for LOST_AFTER_S (or never began)."""
+        """Of `ranks`, those that were alive and whose heartbeat has not moved for LOST_AFTER_S.
+        A node not yet started is not lost: it is late, and the rendezvous timeout judges that."""
         now = time.monotonic()
-        return [r for r in ranks if now - self._seen.get(r, (0, self._began))[1] > LOST_AFTER_S]
-
-    def start(self) -> None:
-        self._began = time.monotonic()
-        super().start()
+        return [r for r in ranks
+                if (seen := self._seen.get(r)) is not None and seen[0] > 0 and now - seen[1] > LOST_AFTER_S]
 
 
 class Team:
@@ -188,12 +186,15 @@ class Team:
 
     def finish(self, timeout_s: float) -> None:
         """Say this node is through; node 0 keeps the store up until every live node is."""
-        self.heartbeat.closing.set()
         if not self.spec.is_head:
+            self.heartbeat.closing.set()
             try:
                 self.put(f"done/{self.spec.node_rank}", True)
             except NodeLost:
                 pass  # node 0 is gone: nobody is waiting for this node any more
             return
-        live = [r for r in self.others if r not in self.heartbeat.lost(self.others)]
+        lost = self.heartbeat.lost(self.others)
+        live = [r for r in self.others if r not in lost and self.has(f"joined/{r}")]
+        # The heartbeat keeps watching until then, or every node would look lost after LOST_AFTER_S.
         self.wait_for(lambda: self.has(*(f"done/{r}" for r in live)), timeout_s, self.lost_from(live))
+        self.heartbeat.closing.set()

@@ -134,3 +134,17 @@ class ParallelTopology:
                  f"dp={self.dp}, wdp={self.wdp}) rank {self.rank}:"]
         lines += [f"  {name:<12} {list(g.ranks)}" for name, g in self.groups.items()]
         return "\n".join(lines)
+
+
+def as_comm_group(group: "CommGroup | dist.ProcessGroup | None", name: str,
+                  stats: Optional[CommStats] = None) -> CommGroup:
+    """A CommGroup for `group`: returned as is, or built around a plain torch ProcessGroup
+    (InternEvo's callers pass those) with its own counts unless `stats` is given.
+    None stands for a single process, as for torch.distributed with no group."""
+    if isinstance(group, CommGroup):
+        return group
+    stats = stats if stats is not None else CommStats()
+    if group is None:
+        return CommGroup(name, (0,), 0, None, stats)
+    ranks = tuple(dist.get_process_group_ranks(group))
+    return CommGroup(name, ranks, dist.get_rank(group), group if len(ranks) > 1 else None, stats)

@@ -4,6 +4,7 @@ Each field carries its `Rule` in the dataclass metadata, so the same rule checks
 (with the key path the user wrote), a matrix value and a dataclass built directly from Python.
 Cross-field rules (sizes that must divide, host capacity) live in `checks.py`; the cell that
 holds the sections and runs those rules in `cell.py`.
+Longer than 300 lines because every config key is declared here, with its rule and doc, once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ WORLD = "world"
 KINDS: tuple[str, ...] = ("training", "collectives")
 COLLECTIVE_OPS: tuple[str, ...] = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
 COLLECTIVE_GROUPS: tuple[str, ...] = ("weight", "sequence", "world")
+# ISP's variants (isp_core names them too; repeated here so the config layer needs no torch).
+WP_UNITS: tuple[str, ...] = ("module", "block")
+HEAD_MODES: tuple[str, ...] = ("vocab_parallel", "gathered")
+FORWARD_OVERLAP: tuple[str, ...] = ("layer", "module")
+LAUNCH_BEFORE: tuple[str, ...] = ("wo", "wqkv", "attn", "w1")
+ISP_ONLY_DEFAULTS: dict[str, object] = {"wp_unit": "module", "head": "vocab_parallel", "forward_overlap_per": "layer",
+                                        "launch_allgather_before": "wo"}
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -214,6 +222,16 @@ class ParallelConfig(Section):
     overlap: bool = _f(True, "bool", "prefetch weights / overlap comm (parallel.weight overlap)")
     memory_pool: bool = _f(False, "bool", "reuse gathered-weight buffers (parallel.weight memory_pool)")
     strategy: str = _f("isp", "str", "isp, or a peer: fsdp2, ddp (sp=wp=1), ulysses (wp=1)", choices=STRATEGIES)
+    # ISP's variants (docs/isp-variants.md); the defaults are InternEvo's behaviour.
+    wp_unit: str = _f("module", "str", "isp: one weight all-gather per linear (module) or per block (block)",
+                      choices=WP_UNITS)
+    head: str = _f("vocab_parallel", "str", "isp: logits all-to-all'd to [B,S,V/sp] (vocab_parallel) or "
+                   "full-vocab logits of local tokens (gathered)", choices=HEAD_MODES)
+    forward_overlap_per: str = _f("layer", "str", "isp: forward prefetch per block (layer) or per unit (module); "
+                                  "parallel.weight.forward_overlap_per", choices=FORWARD_OVERLAP)
+    launch_allgather_before: str = _f("wo", "str", "isp: module before which the next block's gathers start "
+                                      "(layer prefetch); parallel.weight.launch_allgather_before",
+                                      choices=LAUNCH_BEFORE)
 
     def __post_init__(self) -> None:
         for name in ("sp", "wp"):

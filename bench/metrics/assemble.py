@@ -26,6 +26,7 @@ from bench.metrics.loss_check import compare as compare_losses
 from bench.metrics.loss_check import skip_reason as loss_check_skip_reason
 from bench.metrics.measurement import Measurement
 from bench.strategies.common import data_spec, model_config
+from bench.strategies.isp import settings_from
 from isp_core.data import global_batch
 
 
@@ -43,7 +44,7 @@ def comm_metrics(config: CellConfig, counted_total: dict) -> dict[str, Any]:
     p = config.parallel
     counted = per_step_comm(counted_total, config.run.measure_steps)
     predicted = strategies.predicted_comm(p.strategy, model_config(config), data_spec(config), p.world_size, p.sp,
-                                          p.wp, p.overlap, ELEMENT_SIZE[config.run.dtype])
+                                          p.wp, p.overlap, ELEMENT_SIZE[config.run.dtype], settings=settings_from(p))
     mismatches = diff_counts(counted, predicted)
     return {"counted_per_step": counted, "predicted_per_step": predicted,
             "matches_prediction": not mismatches, "mismatches": mismatches,

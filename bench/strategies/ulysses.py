@@ -13,7 +13,7 @@ import torch
 from bench.strategies import peer_formula
 from bench.strategies.fsdp2 import shard_with_fsdp2
 from bench.strategies.peer_trainer import PeerTrainer
-from isp_core.attention import DistributedAttention, local_attention
+from isp_core.attention import DistributedAttention
 from isp_core.data import DataSpec
 from isp_core.engine import ISPSettings, build_reference_model
 from isp_core.model import LlamaConfig
@@ -27,11 +27,11 @@ def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetting
     model = build_reference_model(cfg, seed, dtype, device)
     if topo.world_size > 1:
         for block in model.layers:
-            block.attention.core = DistributedAttention(local_attention, topo.sequence)
+            block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
         shard_with_fsdp2(model, topo.world, device)
     return PeerTrainer(model, "ulysses", topo, lr)
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int) -> peer_formula.Counts:
+                   element_size: int, settings: Optional[ISPSettings] = None) -> peer_formula.Counts:
     return peer_formula.predicted_peer_comm("ulysses", cfg, spec, world_size, sp, element_size)

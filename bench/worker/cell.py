@@ -28,7 +28,7 @@ from bench.worker.nvml import NvmlSampler, local_device_ids
 from bench.worker.profiling import Profiler, dump_memory_snapshot, start_memory_history, steps_needed, stop_memory_history
 from bench.worker.timing import StepTimer, reduce_max_across_ranks
 from isp_core.data import DataSpec, MicroBatch, micro_batches
-from isp_core.engine import ISPSettings
+from bench.strategies.isp import settings_from
 from isp_core.topology import ParallelTopology
 
 NVML_OVERHEAD_STEPS = 3
@@ -66,7 +66,7 @@ def setup(config: CellConfig) -> torch.device:
 def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device) -> Cell:
     p = config.parallel
     topo = ParallelTopology.from_env(p.sp, p.wp)
-    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, ISPSettings(p.overlap, p.memory_pool),
+    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
                                        seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
                                        lr=config.run.lr)
     print(f"strategy {p.strategy}; {topo}", flush=True)

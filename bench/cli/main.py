@@ -8,10 +8,12 @@ usage error or a run folder that cannot be used (one line per problem on stderr,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from bench.metrics import roofline
 from bench.results import report
 from bench.results.records import RecordError, load_records
 from bench.sweep import runner
-from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions
+from bench.sweep import nodes
+from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions, Outcome
+from bench.sweep.nodes import DEFAULT_RDZV_TIMEOUT_S
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
 SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history", "nightly": "bench.cli.nightly"}
@@ -58,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG to torchrun, e.g. --torchrun-arg=--nnodes=2 "
                         "--torchrun-arg=--rdzv-endpoint=host:29500 (default: --standalone)")
+    several = p.add_argument_group("several nodes (docs/nodes.md; inside a Slurm step none of these is needed)")
+    several.add_argument("--nnodes", type=int, help="how many nodes run this same command")
+    several.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1; node 0 owns the run folder")
+    several.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                         help="node 0's address and a free port: its runner hosts torch's c10d store there")
+    several.add_argument("--rdzv-timeout", type=float, default=DEFAULT_RDZV_TIMEOUT_S, metavar="S",
+                         help="how long a cell waits for every node before it fails (default %(default)gs)")
     return p
 
 
@@ -109,11 +120,17 @@ def _run(args: argparse.Namespace, command_line: list[str]) -> int:
 def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, Path | None]:
     """Run (or resume) the sweep the parsed arguments name: (exit code, run folder; None on --dry-run)."""
     opts = _options(args)
-    if args.link_profile is not None and not roofline.load_curves(args.link_profile):
+    spec = None if args.dry_run else nodes.resolve(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
+    if spec is not None:
+        nodes.check_options(opts.torchrun_args)
+        opts = dataclasses.replace(opts, torchrun_args=(f"--nnodes={spec.nnodes}", *opts.torchrun_args))
+    if args.link_profile is not None and (spec is None or spec.is_head) and not roofline.load_curves(args.link_profile):
         why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
                "; allowed: a run folder of a collectives config")
         raise ConfigError([why])
     host = None if args.dry_run else probe_host(opts.nnodes)
+    if spec is not None:
+        return _run_on_nodes(args, spec, opts, host, command_line)
     if args.resume is not None:
         return _resume(args, host, opts)
     bench = load_config(args.config, args.set, args.filter, host)
@@ -151,6 +168,31 @@ def _sweep(args: argparse.Namespace, run_dir: Path, bench: BenchConfig, cells: l
         return code or runner.EXIT_UNWRITABLE, run_dir
     print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
     return code, run_dir
+
+
+def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOptions, host: object,
+                  command_line: list[str]) -> tuple[int, Path | None]:
+    """Node 0 plans and owns the folder, as one node would; the others take its plan (multinode.py).
+    (The run-folder lock of a single-node sweep is not taken here: node 0 alone writes the folder.)"""
+    def head_plan() -> tuple[Path, list[Cell]]:
+        if args.resume is not None:
+            return args.resume, _to_rerun(args, _resumed_config(args, host), None)
+        bench = load_config(args.config, args.set, args.filter, host)  # type: ignore[arg-type]
+        run_dir = runner.new_run_dir(args.results_dir, bench.name)
+        runner.prepare(run_dir, bench, command_line, nnodes=spec.nnodes)
+        return run_dir, list(bench.cells)
+
+    def sweep(run_dir: Path, cells: list[Cell], launcher: Callable[..., Outcome]) -> int:
+        link = args.link_profile if spec.is_head else None
+        return runner.run_cells(run_dir, cells, opts, link_profile=link, grace_s=args.grace_s, launcher=launcher)
+
+    def summarize(run_dir: Path) -> None:
+        print(report.write_summary(run_dir))
+        print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
+
+    from bench.sweep import multinode  # torch.distributed's store: only a several-node sweep needs it
+
+    return multinode.run(spec, args.results_dir, head_plan, sweep, summarize), None
 
 
 def _resumed_config(args: argparse.Namespace, host: object) -> BenchConfig:

@@ -78,12 +78,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _sweep(args: argparse.Namespace) -> Path:
     from bench.cli.main import GRACE_S, RETRYABLE, run_sweep  # the same run path as `run_bench.py CONFIG`
+    from bench.sweep.nodes import DEFAULT_RDZV_TIMEOUT_S
 
     sweep_args = argparse.Namespace(config=args.config, set=args.set, filter=args.filter, dry_run=False,
                                     resume=None, results_dir=args.results_dir, link_profile=args.link_profile,
-                                    torchrun_arg=args.torchrun_arg, grace_s=GRACE_S, retry=RETRYABLE)
+                                    torchrun_arg=args.torchrun_arg, grace_s=GRACE_S, retry=RETRYABLE,
+                                    nnodes=None, node_rank=None, rdzv_endpoint=None,
+                                    rdzv_timeout=DEFAULT_RDZV_TIMEOUT_S)
     _, run_dir = run_sweep(sweep_args, [sys.executable, sys.argv[0], "nightly", *sys.argv[2:]])
-    assert run_dir is not None  # not a dry run
+    assert run_dir is not None  # one node, not a dry run
     return run_dir  # failed cells are judged below, against their history
 
 

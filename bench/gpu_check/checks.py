@@ -78,6 +78,9 @@ def run_bench(config: str, sets: list[str], filt: Optional[str], results: Path, 
     if not runs:
         return None, tail
     records = [json.loads(line) for line in runs[-1].read_text().splitlines() if line.strip()]
+    for record in records:  # trace paths are recorded relative to the run folder
+        metrics = record.get("metrics") or {}
+        metrics["traces"] = [str(runs[-1].parent / t) for t in metrics.get("traces") or []]
     return (records[0] if records else None), tail
 
 

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -180,8 +180,10 @@ def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]
 
 
 def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout,
-              link_profile: Path | None = None, grace_s: float = 30.0) -> int:
-    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep."""
+              link_profile: Path | None = None, grace_s: float = 30.0,
+              launcher: Callable[..., Outcome] = launch) -> int:
+    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep.
+    `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several."""
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
     # Collectives cells first, so the training cells after them get a roofline from this run.
     cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
@@ -190,7 +192,7 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
         try:
             for k, cell in enumerate(cells, 1):
                 print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)
-                outcome = _run_one(run_dir, cell, opts, linked)
+                outcome = _run_one(run_dir, cell, opts, linked, launcher)
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"
                 print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)
@@ -208,10 +210,11 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
     return EXIT_FAILED_CELLS if failed else EXIT_OK
 
 
-def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofline.Curve]) -> Outcome:
+def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofline.Curve],
+             launcher: Callable[..., Outcome]) -> Outcome:
     paths = CellPaths.under(run_dir, cell.id)
     write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    outcome = launch(cell.config, paths, opts)
+    outcome = launcher(cell.config, paths, opts)
     append_record(run_dir / RESULTS, make_record(run_dir, cell, started, outcome))
     return outcome

@@ -188,14 +188,18 @@ def profile(cell: Cell, first_step: int) -> Optional[dict[str, Any]]:
     snapshot = settings.memory_snapshot and cell.device.type == "cuda" and start_memory_history()
     with Profiler(settings, cell.cell_id, cell.rank, trace_root=trace_root) as prof:
         run_steps(cell, first_step, steps_needed(settings), profiler=prof)
-    out: dict[str, Any] = {"traces": [str(p) for p in prof.trace_paths], "active_steps": settings.active}
-    if prof.trace_paths:  # this rank's own figures: rank 0 never opens another rank's file
+    # Paths as they are in the run folder (node 0's, where every node's traces end up), and this
+    # rank's own trace figures, computed here where its file is: rank 0 never opens another
+    # rank's file (no shared disk across nodes).
+    out: dict[str, Any] = {"traces": [str(p.relative_to(cell.run_dir)) for p in prof.trace_paths],
+                           "active_steps": settings.active}
+    if prof.trace_paths:
         out["figures"] = trace_file_figures(str(prof.trace_paths[0]), cell.device.type, settings.active)
     if snapshot:
         # Loadable by PyTorch's memory_viz; covers the profiled steps only, like the traces.
         path = dump_memory_snapshot(trace_root / cell.cell_id / f"rank{cell.rank}_memory.pickle")
         stop_memory_history()
-        out["memory_snapshot"] = str(path)
+        out["memory_snapshot"] = str(path.relative_to(cell.run_dir)) if path else None
     return out
 
 

@@ -58,8 +58,9 @@ def _paths(tmp: Path) -> CellPaths:
 
 
 def _failed(reason: str, code: int | None, interrupted: bool = False) -> Outcome:
-    return Outcome("failed", None, {"reason": reason, "exit_code": code, "rank": None, "log_file": "logs/c/x.log",
-                                    "log_tail": "..."}, 1.0, interrupted=interrupted)
+    return Outcome("interrupted" if interrupted else "failed", None,
+                   {"reason": reason, "exit_code": code, "rank": None, "log_file": "logs/c/x.log",
+                    "log_tail": "..."}, 1.0)
 
 
 def test_merge_ok_when_every_node_exited_0_and_one_shipped_the_result(tmp_path: Path) -> None:
@@ -84,4 +85,4 @@ def test_merge_without_any_result_fails_and_an_interruption_stops_the_sweep(tmp_
     assert "no readable result.json" in merge({0: _failed("x", 0), 1: _failed("y", 0)}, paths, 1.0).error["reason"]
     merged = merge({0: _failed("interrupted: node 1 interrupted", None, interrupted=True),
                     1: _failed("interrupted: node 1 interrupted", None, interrupted=True)}, paths, 1.0)
-    assert merged.interrupted and merged.status == "failed"
+    assert merged.interrupted and merged.status == "interrupted"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from isp_core.topology import CommGroup
+from isp_core.topology import CommGroup, as_comm_group
 
 # torch 2.13 renamed the flat-buffer collectives; older releases (2.6-2.12) only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -149,14 +149,24 @@ class _SeqAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group: CommGroup, scatter_dims: Sequence[int], gather_dims: Sequence[int],
                 label: str, *inputs: torch.Tensor):
-        ctx.group, ctx.scatter_dims, ctx.gather_dims, ctx.label = group, scatter_dims, gather_dims, label
+        # InternEvo's form, apply(process_group, scatter_idx, gather_idx, *tensors) with ints for
+        # one tensor, works too: the label is then absent and the group may be a ProcessGroup.
+        ctx.label_was_tensor = isinstance(label, torch.Tensor)
+        if ctx.label_was_tensor:
+            label, inputs = "seq", (label, *inputs)
+        if isinstance(scatter_dims, int):
+            scatter_dims, gather_dims = (scatter_dims,), (gather_dims,)
+        if not isinstance(group, CommGroup):
+            group = as_comm_group(group, "sequence")
+        ctx.group, ctx.scatter_dims, ctx.gather_dims, ctx.label = group, tuple(scatter_dims), tuple(gather_dims), label
         outs = seq_all_to_all_many(inputs, group, scatter_dims, gather_dims, label)
         return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         outs = seq_all_to_all_many(grads, ctx.group, ctx.gather_dims, ctx.scatter_dims, ctx.label + ".bwd")
-        return (None, None, None, None, *outs)
+        # one None per non-tensor argument; with InternEvo's form the first tensor sat in `label`
+        return (None, None, None, *([] if ctx.label_was_tensor else [None]), *outs)
 
 
 def seq_all_to_all_many(inputs: Sequence[torch.Tensor], group: CommGroup,

@@ -5,17 +5,21 @@ tokens a rank holds per micro-step (micro_bsz x seq_len / sp), W_l the full nume
 linear l, per micro-step:
 
 weight group (wp > 1)
-  all_gather      each block linear: forward 1 + backward 1 (a checkpointed block's
-                  recompute gathers again only without overlap: with overlap the recompute's
-                  gather is kept for the backward); head 2 (forward, backward); embedding 1
-                  (forward only); bytes = full tensor x E
-  reduce_scatter  each linear, head and embedding once; bytes = full gradient x E
+  all_gather      wp_unit "module": each block linear: forward 1 + backward 1 (a checkpointed
+                  block's recompute gathers again only without overlap: with overlap the
+                  recompute's gather is kept for the backward); wp_unit "block": one gather
+                  of all the block's linears together, forward 1 + backward 1 (the recompute's
+                  gather is always kept); head 2 (forward, backward); embedding 1 (forward
+                  only); bytes = full tensor(s) x E
+  reduce_scatter  each linear (or each block, with "block"), head and embedding once;
+                  bytes = full gradient(s) x E
 sequence group (sp > 1)
   all_to_all      per block: q, kv and the attention output in forward, their gradients
                   in backward (6), 3 more for a checkpointed block's recompute;
                   q/out T*H*D*E, kv T*2*max(Hkv, sp)*D*E; head logits forward and backward
-                  T*V*E each
-  all_reduce      vocab-parallel loss: 3 x (sp*T) fp32 values
+                  T*V*E each (head "vocab_parallel" only: the "gathered" head sends nothing
+                  over the sequence group)
+  all_reduce      vocab-parallel loss: 3 x (sp*T) fp32 values (head "vocab_parallel" only)
 and once per step: all_reduce of the weight shards over the weight-data group
 (sum of shard numels x E) and of the replicated norm weights over the world.
 """
@@ -38,8 +42,11 @@ def _linear_shapes(cfg: LlamaConfig) -> list[int]:
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int, retain_out_sharded: bool = True) -> dict[str, dict[str, dict[str, int]]]:
+                   element_size: int, retain_out_sharded: bool = True, wp_unit: str = "module",
+                   head: str = "vocab_parallel") -> dict[str, dict[str, dict[str, int]]]:
     """{group: {kind: {"calls": n, "bytes": b}}} for one training step on one rank."""
+    if wp_unit not in ("module", "block") or head not in ("vocab_parallel", "gathered"):
+        raise ValueError(f"wp_unit={wp_unit!r} (module|block), head={head!r} (vocab_parallel|gathered)")
     calls: dict[tuple[str, str], int] = defaultdict(int)
     nbytes: dict[tuple[str, str], int] = defaultdict(int)
 
@@ -55,6 +62,10 @@ def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, w
     linears = _linear_shapes(cfg)
     if wp > 1:
         for block in range(layers):
+            if wp_unit == "block":
+                add("weight", "all_gather", 2 * micro, sum(linears) * E)
+                add("weight", "reduce_scatter", micro, sum(linears) * E)
+                continue
             gathers = 2 + (1 if block < ckpt and not overlap else 0)
             for numel in linears:
                 add("weight", "all_gather", gathers * micro, numel * E)
@@ -72,7 +83,9 @@ def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, w
             add("sequence", "all_to_all", passes * micro, q_bytes)       # q (grad of q)
             add("sequence", "all_to_all", passes * micro, kv_bytes)      # kv
             add("sequence", "all_to_all", passes * micro, q_bytes)       # attention output
-        if retain_out_sharded:
+        if head == "gathered":
+            pass  # full-vocabulary logits of this rank's own tokens: nothing to exchange
+        elif retain_out_sharded:
             add("sequence", "all_to_all", 2 * micro, tokens * cfg.vocab * E)
             add("sequence", "all_reduce", 3 * micro, sp * tokens * 4)
         else:

@@ -11,7 +11,9 @@ sequence group, and each rank's backward yields the gradient contribution of its
 tokens. Summed over a sequence group these give that micro-batch's gradient; averaged over
 data-parallel replicas, the global gradient. Weight gradients are averaged over the weight
 group (reduce-scatter AVG, as in InternEvo) and then over the weight-data group, i.e. over
-all world_size = dp x sp ranks, so each rank back-propagates loss x sp / micro_num.
+all world_size = dp x sp ranks, so each rank back-propagates loss x sp / micro_num. With the
+gathered head each rank's loss is the mean over its own S/sp tokens, the group's losses sum
+to sp x the group mean, and each rank back-propagates loss / micro_num.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from isp_core.attention import DistributedAttention, local_attention
+from isp_core.attention import DistributedAttention
 from isp_core.collectives import all_reduce_
 from isp_core.data import MicroBatch
-from isp_core.head_embedding import (EmbeddingWeightParallelCommunicator, HeadLinear,
-                                     HeadWeightParallelCommunicator, ParallelEmbedding)
+from isp_core.head_embedding import (HEAD_MODES, EmbeddingWeightParallelCommunicator, GatheredHeadCommunicator,
+                                     HeadLinear, HeadWeightParallelCommunicator, ParallelEmbedding)
 from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook
 from isp_core.linear import WeightParallelLinear
 from isp_core.loss import vocab_parallel_cross_entropy
 from isp_core.memory_pool import ISPCommModelConfig, MemoryPool
+from isp_core.mixed_precision import build_optimizer, check_training_dtype
 from isp_core.model import LlamaConfig, LlamaModel
 from isp_core.topology import ParallelTopology
 
@@ -46,6 +49,14 @@ class ISPSettings:
     memory_pool: bool = False
     vocab_parallel_embedding: bool = True
     retain_out_sharded: bool = True
+    wp_unit: str = "module"                # "module" | "block": what one weight all-gather moves
+    head: str = "vocab_parallel"           # "vocab_parallel" | "gathered" (see head_embedding)
+    forward_overlap_per: str = "layer"     # "layer" | "module": forward prefetch granularity
+    launch_allgather_before: str = "wo"    # "wqkv" | "attn" | "wo" | "w1": launches the next block
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_MODES:
+            raise ValueError(f"head={self.head!r}: expected one of {list(HEAD_MODES)}")
 
 
 def init_full_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -98,6 +109,7 @@ def _shard_of(full: torch.Tensor, module: nn.Module, topo: ParallelTopology) -> 
 def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(),
                     seed: int = 0, dtype: torch.dtype = torch.float32,
                     device: Optional[torch.device] = None) -> ISPModel:
+    check_training_dtype(dtype)
     device = torch.device(device or "cpu")
     meta = torch.device("meta")
     model = LlamaModel(cfg, device=meta)
@@ -106,7 +118,7 @@ def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetti
             parent = getattr(block, parent_name)
             plain = getattr(parent, attr)
             setattr(parent, attr, WeightParallelLinear(plain.in_features, plain.out_features, topo.wp, device=meta))
-        block.attention.core = DistributedAttention(local_attention, topo.sequence)
+        block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
     model.tok_embeddings = ParallelEmbedding(cfg.vocab, cfg.hidden, topo.wp, settings.vocab_parallel_embedding,
                                              device=meta)
     model.output = HeadLinear(cfg.hidden, cfg.vocab, topo.wp, device=meta)
@@ -121,8 +133,11 @@ def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetti
 
     conf = ISPCommModelConfig(dtype=dtype, device=device, activation_checkpointing=cfg.checkpoint)
     comm = ISPCommunicator(model, conf, overlap=settings.overlap, enable_memory_pool=settings.memory_pool,
-                           process_group=topo.weight)
-    head_comm = HeadWeightParallelCommunicator(topo.weight, topo.sequence, settings.retain_out_sharded)
+                           process_group=topo.weight, wp_unit=settings.wp_unit,
+                           forward_overlap_per=settings.forward_overlap_per,
+                           launch_allgather_before=settings.launch_allgather_before)
+    head_comm = (GatheredHeadCommunicator(topo.weight) if settings.head == "gathered" else
+                 HeadWeightParallelCommunicator(topo.weight, topo.sequence, settings.retain_out_sharded))
     model.output.communicator = head_comm
     emb_comm = EmbeddingWeightParallelCommunicator(topo.weight, settings.vocab_parallel_embedding)
     emb_comm.register_module_hook(model.tok_embeddings)
@@ -142,7 +157,8 @@ class ISPTrainer:
 
     def __init__(self, isp: ISPModel, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
         self.isp = isp
-        self.optimizer = torch.optim.AdamW(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
+        # bfloat16 shards step through float32 masters and AdamW state (isp_core.mixed_precision).
+        self.optimizer = build_optimizer(isp.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     @property
     def memory_pool(self) -> Optional[MemoryPool]:
@@ -151,21 +167,30 @@ class ISPTrainer:
 
     def forward_backward(self, micro_batches: list[MicroBatch]) -> float:
         """Accumulate the gradients of all micro-steps; returns this data-parallel group's mean loss."""
-        isp, topo = self.isp, self.isp.topology
-        scale = topo.sp / len(micro_batches)
-        total = 0.0
+        isp = self.isp
+        total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].tokens.device)
         for mb in micro_batches:
             isp.scheduler.before_forward()
             logits = isp.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)
-            if not isp.head_communicator.retain_out_sharded or topo.sp == 1:
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), mb.labels.flatten())
-            else:
-                loss = vocab_parallel_cross_entropy(logits, mb.labels, topo.sequence).mean()
+            loss, scale = self._loss(logits, mb.labels)
             isp.scheduler.before_backward()
-            (loss * scale).backward()
+            (loss * scale / len(micro_batches)).backward()
             isp.scheduler.after_backward()
-            total += loss.item()
-        return total / len(micro_batches)
+            total += loss.detach()  # on the device: no host sync per micro-batch
+        return (total / len(micro_batches)).item()  # the step's one sync
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The micro-batch loss this rank reports, and the factor its backward takes (see the
+        module docstring: sp for the sequence group's mean, 1 for this rank's own tokens)."""
+        comm, group = self.isp.head_communicator, self.isp.topology.sequence
+        # vocab_parallel_cross_entropy with no group is the memory-lean loss of whole-vocabulary logits.
+        if not comm.vocab_parallel_loss:  # gathered head: [B, S/sp, V] for this rank's tokens
+            part = labels.shape[1] // group.size
+            own = labels[:, group.rank * part:(group.rank + 1) * part]
+            return vocab_parallel_cross_entropy(logits, own, None).mean(), 1
+        if not comm.retain_out_sharded or group.size == 1:  # [B, S, V] on every rank
+            return vocab_parallel_cross_entropy(logits, labels, None).mean(), group.size
+        return vocab_parallel_cross_entropy(logits, labels, group).mean(), group.size
 
     def reduce_gradients(self) -> None:
         """Average shard gradients over the weight-data group and whole ones over the world."""

@@ -1,8 +1,12 @@
 """Weight parallelism for the output head and the token embedding.
 
 Head: weight [vocab, hidden] sharded on dim 0 over the weight group, gathered synchronously.
-Its logits [B, S/sp, V] are turned into [B, S, V/sp] by an all-to-all over the sequence group
-(`retain_out_sharded`, so the loss runs vocab-parallel), or gathered to [B, S, V].
+`head="vocab_parallel"` (InternEvo's HeadWeightParallelCommunicator): its logits [B, S/sp, V]
+are turned into [B, S, V/sp] by an all-to-all over the sequence group (`retain_out_sharded`,
+so the loss runs vocab-parallel), or gathered to [B, S, V]. `head="gathered"`
+(GatheredHeadCommunicator): the head is just another weight-parallel linear, its logits
+stay [B, S/sp, V], full vocabulary for this rank's own tokens, and the loss is an ordinary
+cross-entropy over them: no logits all-to-all, no loss all-reduces.
 
 Embedding: weight [vocab, hidden] sharded over the weight group on dim 0 (vocab-parallel)
 or dim 1 (hidden-parallel), gathered along that dim in forward; its gradient is
@@ -13,24 +17,29 @@ token ids alone, so this implementation does not repeat that transfer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from isp_core.collectives import Pending, all_gather, gather_along, reduce_scatter, seq_all_to_all
 from isp_core.linear import WeightParallelLinear, WPCommunicator
-from isp_core.topology import CommGroup
+from isp_core.topology import CommGroup, as_comm_group
 
 SEQ_DIM, VOCAB_DIM = 1, 2
+HEAD_MODES = ("vocab_parallel", "gathered")
 
 
 class HeadWeightParallelCommunicator(WPCommunicator):
-    def __init__(self, weight_process_group: CommGroup, seq_process_group: CommGroup,
+    vocab_parallel_loss = True  # the loss sees [B, S, V/sp] when retain_out_sharded
+
+    def __init__(self, weight_process_group: Union[CommGroup, dist.ProcessGroup],
+                 seq_process_group: Union[CommGroup, dist.ProcessGroup, None] = None,
                  retain_out_sharded: bool = True) -> None:
-        self.weight_process_group = weight_process_group
-        self.seq_process_group = seq_process_group
+        self.weight_process_group = as_comm_group(weight_process_group, "weight")
+        self.seq_process_group = as_comm_group(seq_process_group, "sequence")
         self.retain_out_sharded = retain_out_sharded
 
     def communication_mode(self) -> str:
@@ -50,6 +59,19 @@ class HeadWeightParallelCommunicator(WPCommunicator):
             return seq_all_to_all(self.seq_process_group, output, scatter_dim=VOCAB_DIM,
                                   gather_dim=SEQ_DIM, label="head.logits")
         return gather_along(output, self.seq_process_group, SEQ_DIM, label="head.logits")
+
+
+class GatheredHeadCommunicator(HeadWeightParallelCommunicator):
+    """The head as a plain weight-parallel linear: full-vocabulary logits [B, S/sp, V] for this
+    rank's tokens, nothing sent over the sequence group."""
+
+    vocab_parallel_loss = False
+
+    def __init__(self, weight_process_group: Union[CommGroup, dist.ProcessGroup]) -> None:
+        super().__init__(weight_process_group, None, retain_out_sharded=False)
+
+    def output_hook(self, output: torch.Tensor) -> torch.Tensor:
+        return output
 
 
 class HeadLinear(WeightParallelLinear):
@@ -91,8 +113,9 @@ class EmbeddingWeightParallelCommunicator:
     any parameter, so the optimizer sees the sum after the last micro-step.
     """
 
-    def __init__(self, weight_process_group: CommGroup, vocab_parallel: bool = True) -> None:
-        self.group = weight_process_group
+    def __init__(self, weight_process_group: Union[CommGroup, dist.ProcessGroup],
+                 vocab_parallel: bool = True) -> None:
+        self.group = as_comm_group(weight_process_group, "weight")
         self.gather_dim = 0 if vocab_parallel else 1
 
     def register_module_hook(self, module: "ParallelEmbedding") -> None:

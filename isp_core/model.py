@@ -17,7 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
-from isp_core.attention import local_attention
+from isp_core.attention import ATTENTION_BACKENDS, LocalAttention
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,11 @@ class LlamaConfig:
     checkpoint: float = 0.0  # fraction of blocks, from the first, recomputed in backward
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    attention: str = "auto"  # local attention kernel: auto | flash | sdpa (isp_core.attention)
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"hidden={self.hidden} must divide by heads={self.heads} and heads "
                              f"by kv_heads={self.kv_heads}")
@@ -73,22 +76,15 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-class LocalAttention(nn.Module):
-    """Causal attention of q [B,S,H,D] against packed kv [B,S,2,Hkv,D] on one process."""
-
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> torch.Tensor:
-        return local_attention(q, kv[:, :, 0], kv[:, :, 1], causal=True, cu_seqlens=cu_seqlens,
-                               max_seqlen=max_seqlen)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.cfg = cfg
         qkv_out = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden, qkv_out, bias=False, device=device)
-        self.core: nn.Module = LocalAttention()
+        # InternEvo's contract: core(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+        # the ISP form wraps this same module in DistributedAttention.
+        self.core: nn.Module = LocalAttention(causal=True, backend=cfg.attention)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -99,7 +95,8 @@ class Attention(nn.Module):
         q = apply_rotary(q, positions, cfg.rope_theta)          # [B, S, H, D]
         k = apply_rotary(k, positions, cfg.rope_theta)          # [B, S, Hkv, D]
         kv = torch.stack([k, v], dim=2)                          # [B, S, 2, Hkv, D]
-        context = self.core(q, kv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # [B, S, H, D]
+        context = self.core(q, kv, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)  # [B, S, H, D]
         return self.wo(context.reshape(b, s, -1))
 
 

@@ -10,6 +10,8 @@ columns of those grids. With 8 ranks, sp=2, wp=4:
     weight-data {0,4} {1,5} {2,6} {3,7}        same grid, columns
 
 Nothing here is global: a `ParallelTopology` is built once and passed to whoever needs it.
+Every group of every kind is its own process group (its own NCCL communicator and stream),
+never the default WORLD group, which the benchmark keeps for its own barriers.
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ class ParallelTopology:
                 pg = None
                 if len(ranks) > 1:
                     # Every rank takes part in creating every group, as new_group requires.
-                    pg = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
+                    # Each logical group gets its own communicator even when its ranks are
+                    # the whole world (or equal another group's): reusing WORLD would put
+                    # weight all-gathers, attention all-to-alls and loss all-reduces on one
+                    # NCCL communicator and stream, unlike InternEvo, so layouts would
+                    # differ in more than their sizes.
+                    pg = dist.new_group(ranks)
                 if rank in ranks:
                     mine = CommGroup(name, tuple(ranks), ranks.index(rank), pg, self.stats)
             assert mine is not None, f"rank {rank} is in no {name} group"
@@ -134,3 +141,17 @@ class ParallelTopology:
                  f"dp={self.dp}, wdp={self.wdp}) rank {self.rank}:"]
         lines += [f"  {name:<12} {list(g.ranks)}" for name, g in self.groups.items()]
         return "\n".join(lines)
+
+
+def as_comm_group(group: "CommGroup | dist.ProcessGroup | None", name: str,
+                  stats: Optional[CommStats] = None) -> CommGroup:
+    """A CommGroup for `group`: returned as is, or built around a plain torch ProcessGroup
+    (InternEvo's callers pass those) with its own counts unless `stats` is given.
+    None stands for a single process, as for torch.distributed with no group."""
+    if isinstance(group, CommGroup):
+        return group
+    stats = stats if stats is not None else CommStats()
+    if group is None:
+        return CommGroup(name, (0,), 0, None, stats)
+    ranks = tuple(dist.get_process_group_ranks(group))
+    return CommGroup(name, ranks, dist.get_rank(group), group if len(ranks) > 1 else None, stats)

@@ -1,22 +1,36 @@
-"""`run_bench.py history list|record|plot`: the SQLite history of runs (bench/results/history.py)."""
+"""`run_bench.py history list|record|detect|plot`: the SQLite history of runs (bench/results/history.py).
+
+`detect` lists the change points of every recorded series (bench/results/changepoint.py);
+`plot` marks them on the trend plots.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.results.history import (DEFAULT_DB, cells_and_metrics, history_points, list_runs, record_run)
+from bench.cli.nightly import add_detector_options, detector_settings
+from bench.results.changepoint import DetectorSettings
 from bench.results.records import RecordError
 from bench.results.verdict import METRICS, METRICS_BY_NAME
 
 
-def _plot(db: Path, out: Path, cell: str | None, metric: str | None, config: str | None) -> list[Path]:
+def _plot(db: Path, out: Path, cell: str | None, metric: str | None, config: str | None,
+          settings: DetectorSettings) -> list[Path]:
+    from bench.results.nightly import detect_all
     from bench.results.plots import plot_trend  # matplotlib only when plotting
 
     wanted = [metric] if metric else [m.name for m in METRICS]
+    changes: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    if config is not None:  # change points are per configuration; without one the series mix them
+        for f in detect_all(db, settings):
+            if f["config_name"] == config:
+                changes.setdefault((f["cell"], f["metric"]), []).append((f["index"], f["kind"]))
     written = []
     for c, m in cells_and_metrics(db):
         if (cell is None or c == cell) and m in wanted:
@@ -26,7 +40,7 @@ def _plot(db: Path, out: Path, cell: str | None, metric: str | None, config: str
             if not points:
                 continue
             spec = METRICS_BY_NAME.get(m)
-            written.append(plot_trend(points, lo, hi, c, m, out, spec.unit if spec else ""))
+            written.append(plot_trend(points, lo, hi, c, m, out, spec.unit if spec else "", changes.get((c, m), [])))
     return written
 
 
@@ -41,10 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", parents=[common], help="list recorded runs")
     rec = sub.add_parser("record", parents=[common], help="record run folders (idempotent)")
     rec.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    plot = sub.add_parser("plot", parents=[common], help="trend plot per cell and metric")
+    det = sub.add_parser("detect", parents=[common], help="change points of every recorded series")
+    det.add_argument("--format", choices=("table", "json"), default="table")
+    add_detector_options(det)
+    plot = sub.add_parser("plot", parents=[common], help="trend plot per cell and metric, change points marked")
+    add_detector_options(plot)
     plot.add_argument("--cell")
     plot.add_argument("--metric", help="default: the compared metrics")
-    plot.add_argument("--config", help="only runs of this config name (cell ids can repeat across configs)")
+    plot.add_argument("--config", help="only runs of this config name (cell ids can repeat across configs); "
+                      "change points are marked only with it")
     plot.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -63,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             for run_dir in args.run_dirs:
                 run_id = record_run(args.db, run_dir)
                 print(f"recorded {run_dir} as run {run_id} in {args.db}")
+        elif args.action == "detect":
+            from bench.results.nightly import detect_all
+            from bench.results.nightly_render import render_detect_table
+
+            found = detect_all(args.db, detector_settings(args))
+            print(json.dumps(found, indent=1) if args.format == "json" else render_detect_table(found))
         elif args.action == "plot":
-            paths = _plot(args.db, args.out, args.cell, args.metric, args.config)
+            paths = _plot(args.db, args.out, args.cell, args.metric, args.config, detector_settings(args))
             print("\n".join(str(p) for p in paths) if paths else "nothing to plot")
         else:
             _print_runs(list_runs(args.db))
@@ -83,6 +108,7 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
     if not runs:
         print("no runs recorded")
         return
-    cols = ("id", "name", "utc", "config_name", "git_commit", "hostname", "gpu", "cells")
+    cols = ("id", "name", "utc", "config_name", "git_commit", "hostname", "gpu", "nnodes", "torch", "cuda", "nccl",
+            "driver", "cells")
     rows = [[(str(r[c])[:12] if c == "git_commit" and r[c] else r[c]) for c in cols] for r in runs]
     print(tabulate(rows, headers=cols))

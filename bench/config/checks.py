@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bench.config.schema import Problem
+from bench.config.schema import ISP_ONLY_DEFAULTS, Problem
 from bench import strategies
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ def _shard_problems(cell: CellConfig) -> list[Problem]:
     out = []
     # Only a vocab-parallel head (ISP's) splits the vocabulary over sp; the peers' head is a plain
     # linear on local tokens.
-    split = ((p.wp, "wp"), (p.sp, "sp")) if strategies.get(p.strategy).vocab_parallel_head else ((p.wp, "wp"),)
+    vocab_parallel = strategies.get(p.strategy).vocab_parallel_head and p.head == "vocab_parallel"
+    split = ((p.wp, "wp"), (p.sp, "sp")) if vocab_parallel else ((p.wp, "wp"),)
     for size, name in split:
         if m.vocab % size:
             out.append(Problem("model.vocab", f"vocab={m.vocab} is not divisible by {name}={size}; "
@@ -120,12 +121,20 @@ def _strategy_problems(cell: CellConfig) -> list[Problem]:
         how = "every rank holds whole weights" if p.strategy == "ddp" else "FSDP2 shards weights over the world"
         out.append(Problem("parallel.wp", f"wp={p.wp} with strategy {p.strategy}, which has no weight group "
                                           f"({how}); allowed: 1{sweep}"))
+    for key, default in ISP_ONLY_DEFAULTS.items():
+        if p.strategy != "isp" and getattr(p, key) != default:
+            out.append(Problem(f"parallel.{key}", f"{getattr(p, key)!r} with strategy {p.strategy}: only isp has "
+                                                  f"this option; allowed: {default!r}"))
     if r.warmup_steps < strategy.min_warmup_steps:
         out.append(Problem("run.warmup_steps", f"{r.warmup_steps} with strategy {p.strategy}: "
                                                f"{strategy.warmup_reason}; allowed: >= {strategy.min_warmup_steps}"))
-    if r.check_loss is True and r.dtype != "float32":
-        out.append(Problem("run.check_loss", f"true with dtype {r.dtype}: the reference check compares float32 "
-                                             f"losses to 1e-4; allowed with {r.dtype}: 'auto' or false"))
+    if r.dtype == "float16":
+        out.append(Problem("run.dtype", "float16 for a training cell: float16 training needs dynamic loss "
+                                        "scaling, which this suite does not implement; allowed for training: "
+                                        "float32, bfloat16 (float16 stays allowed for collectives cells)"))
+    if r.attention == "flash" and r.device != "cuda":
+        out.append(Problem("run.attention", f"flash with device {r.device}: flash-attn runs on CUDA only; "
+                                            f"allowed on {r.device}: auto, sdpa"))
     return out
 
 

@@ -20,7 +20,8 @@ from bench.config.checks import HostLimits, host_problems
 from bench.config.file import TOP_KEYS, Messages, apply_overrides, key_problem, read_doc
 
 _ABBREV = {"overlap": "ov", "memory_pool": "mp", "checkpoint": "ck", "world_size": "ws", "sp": "sp",
-           "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": "", "kind": "", "group": ""}
+           "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": "", "kind": "", "group": "",
+           "wp_unit": "wu", "head": "hd", "forward_overlap_per": "fo", "launch_allgather_before": "lb"}
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 

@@ -1,4 +1,4 @@
-"""The schema of one benchmark cell: six small frozen sections and the rules for their fields.
+"""The schema of one benchmark cell: seven small frozen sections and the rules for their fields.
 
 Each field carries its `Rule` in the dataclass metadata, so the same rule checks a YAML value
 (with the key path the user wrote), a matrix value and a dataclass built directly from Python.
@@ -9,10 +9,7 @@ holds the sections and runs those rules in `cell.py`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from bench.strategies import NAMES as strategy_names
@@ -27,161 +24,18 @@ ELEMENT_SIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # by
 WORLD = "world"
 # What a cell runs: training steps, or nccl-tests-style collective sweeps (docs/collectives.md).
 KINDS: tuple[str, ...] = ("training", "collectives")
+ATTENTION: tuple[str, ...] = ("auto", "flash", "sdpa")  # isp_core.attention.ATTENTION_BACKENDS
 COLLECTIVE_OPS: tuple[str, ...] = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
 COLLECTIVE_GROUPS: tuple[str, ...] = ("weight", "sequence", "world")
-_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, each one self-contained line for the user."""
-
-    def __init__(self, messages: list[str], problems: list[Problem] | None = None) -> None:
-        self.messages = list(messages)
-        self.problems = list(problems or [])  # unplaced form, for callers that add their own key path
-        super().__init__("\n".join(self.messages))
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem before it is placed: `key` is relative to what was checked."""
-
-    key: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one field accepts. `kind` is one of int, float, bool, str, auto_bool, ranks,
-    subset (a non-empty list of distinct `choices`, kept as a tuple), bytes (an int, or '1K', '256M',
-    '1G', kept as the int)."""
-
-    kind: str
-    lo: float | None = None
-    hi: float | None = None
-    gt: float | None = None  # exclusive lower bound: "> 0" where 0 itself makes no sense
-    choices: tuple[Any, ...] = ()
-    nullable: bool = False
-    words: tuple[str, ...] = ()  # strings a YAML file may use in place of an int (see WORLD)
-
-    def allowed(self) -> str:
-        if self.choices:
-            text = ", ".join(repr(c) for c in self.choices)
-            text = f"a non-empty list of distinct values from {text}" if self.kind == "subset" else text
-        elif self.kind == "bool":
-            text = "true or false"
-        elif self.kind == "auto_bool":
-            text = "'auto', true or false"
-        elif self.kind == "ranks":
-            text = "'all' or a list of ints >= 0"
-        elif self.kind == "bytes":
-            text = f"an int >= {self.lo:g} or a string such as '1K', '256M', '1G' (powers of 1024)"
-        else:
-            bounds = [] if self.gt is None else [f"> {self.gt:g}"]
-            if self.lo is not None:
-                bounds.append(f">= {self.lo:g}")
-            if self.hi is not None:
-                bounds.append(f"<= {self.hi:g}")
-            text = f"{'an int' if self.kind == 'int' else 'a number'} {' and '.join(bounds)}".strip()
-        extras = [repr(w) for w in self.words] + (["null"] if self.nullable else [])
-        return text + "".join(f" or {e}" for e in extras)
-
-    def check(self, value: Any) -> tuple[Any, str | None]:
-        """Return the value normalised (int -> float for float fields) and a problem or None."""
-        if value is None and self.nullable:
-            return None, None
-        if isinstance(value, str) and value in self.words:
-            return value, None
-        ok, value = _type_ok(self.kind, value)
-        if not ok:
-            return value, f"got {_show(value)}; allowed: {self.allowed()}"
-        if self.kind == "subset" and (bad := [v for v in value if v not in self.choices]):
-            return value, f"{_show(bad)} is not allowed; allowed: {self.allowed()}"
-        if self.choices and self.kind != "subset" and value not in self.choices:
-            return value, f"{_show(value)} is not allowed; allowed: {self.allowed()}"
-        if self.kind in ("int", "float", "bytes") and not _in_range(value, self.lo, self.hi, self.gt):
-            return value, f"{_show(value)} is out of range; allowed: {self.allowed()}"
-        return value, None
-
-
-def _type_ok(kind: str, value: Any) -> tuple[bool, Any]:
-    # bool is a subclass of int in Python; a YAML `true` where a size belongs is a mistake.
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value
-        return math.isfinite(value), float(value)
-    if kind == "bool":
-        return isinstance(value, bool), value
-    if kind == "str":
-        return isinstance(value, str), value
-    if kind == "auto_bool":
-        return isinstance(value, bool) or value == "auto", value
-    if kind == "subset":
-        ok = isinstance(value, (list, tuple)) and bool(value) and len({repr(v) for v in value}) == len(value)
-        return ok, tuple(value) if ok else value
-    if kind == "bytes":
-        if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", value.upper())):
-            return True, int(m.group(1)) * _BYTE_UNITS[m.group(2)]
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if kind == "ranks":
-        if value == "all":
-            return True, value
-        ok = isinstance(value, list) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in value)
-        return ok, value
-    raise AssertionError(f"unknown rule kind {kind}")
-
-
-def _in_range(value: float, lo: float | None, hi: float | None, gt: float | None) -> bool:
-    return (lo is None or value >= lo) and (hi is None or value <= hi) and (gt is None or value > gt)
-
-
-def _show(value: Any) -> str:
-    kind = "bool" if isinstance(value, bool) else type(value).__name__
-    return f"{kind} {value!r}"
-
-
-def _f(default: Any, kind: str, doc: str, **rule: Any) -> Any:
-    """A dataclass field with its rule and a one-line doc (docs/config.md repeats these)."""
-    return field(default=default, metadata={"rule": Rule(kind, **rule), "doc": doc})
-
-
-def suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key; {hint}allowed keys: {', '.join(known)}"
-
-
-class Section:
-    """Shared behaviour of the six sections: field rules checked on construction."""
-
-    NAME: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        problems = []
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value, text = f.metadata["rule"].check(getattr(self, f.name))
-            if text:
-                problems.append(f"{self.NAME}.{f.name}: {text}")
-            else:  # frozen, so normalise (int -> float) through object.__setattr__
-                object.__setattr__(self, f.name, value)
-        if problems:
-            raise ConfigError(problems)
-
-
-def field_problems(cls: type, values: dict[str, Any]) -> list[Problem]:
-    """Problems with the given values of `cls`'s fields; unknown keys included."""
-    rules = {f.name: f.metadata["rule"] for f in dataclasses.fields(cls)}
-    problems = []
-    for key, value in values.items():
-        if key not in rules:
-            problems.append(Problem(key, suggest(key, list(rules))))
-            continue
-        _, text = rules[key].check(value)
-        if text:
-            problems.append(Problem(key, text))
-    return problems
-
+# ISP's variants (isp_core names them too; repeated here so the config layer needs no torch).
+WP_UNITS: tuple[str, ...] = ("module", "block")
+HEAD_MODES: tuple[str, ...] = ("vocab_parallel", "gathered")
+FORWARD_OVERLAP: tuple[str, ...] = ("layer", "module")
+LAUNCH_BEFORE: tuple[str, ...] = ("wo", "wqkv", "attn", "w1")
+ISP_ONLY_DEFAULTS: dict[str, object] = {"wp_unit": "module", "head": "vocab_parallel", "forward_overlap_per": "layer",
+                                        "launch_allgather_before": "wo"}
+from bench.config.rules import (ConfigError, Problem, Rule, Section, _f, _show, field_problems,  # noqa: F401
+                                suggest)
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
@@ -214,6 +68,16 @@ class ParallelConfig(Section):
     overlap: bool = _f(True, "bool", "prefetch weights / overlap comm (parallel.weight overlap)")
     memory_pool: bool = _f(False, "bool", "reuse gathered-weight buffers (parallel.weight memory_pool)")
     strategy: str = _f("isp", "str", "isp, or a peer: fsdp2, ddp (sp=wp=1), ulysses (wp=1)", choices=STRATEGIES)
+    # ISP's variants (docs/isp-variants.md); the defaults are InternEvo's behaviour.
+    wp_unit: str = _f("module", "str", "isp: one weight all-gather per linear (module) or per block (block)",
+                      choices=WP_UNITS)
+    head: str = _f("vocab_parallel", "str", "isp: logits all-to-all'd to [B,S,V/sp] (vocab_parallel) or "
+                   "full-vocab logits of local tokens (gathered)", choices=HEAD_MODES)
+    forward_overlap_per: str = _f("layer", "str", "isp: forward prefetch per block (layer) or per unit (module); "
+                                  "parallel.weight.forward_overlap_per", choices=FORWARD_OVERLAP)
+    launch_allgather_before: str = _f("wo", "str", "isp: module before which the next block's gathers start "
+                                      "(layer prefetch); parallel.weight.launch_allgather_before",
+                                      choices=LAUNCH_BEFORE)
 
     def __post_init__(self) -> None:
         for name in ("sp", "wp"):
@@ -228,14 +92,17 @@ class RunConfig(Section):
     kind: str = _f("training", "str", "what the cell runs: training steps or collective sweeps", choices=KINDS)
     device: str = _f("cpu", "str", "where ranks compute", choices=DEVICES)
     backend: str = _f("gloo", "str", "torch.distributed backend", choices=BACKENDS)
-    dtype: str = _f("float32", "str", "compute dtype", choices=DTYPES)
+    dtype: str = _f("float32", "str", "compute dtype (bfloat16: fp32 masters; float16: collectives only)", choices=DTYPES)
+    attention: str = _f("auto", "str", "attention kernel: auto (flash when it runs), flash, sdpa", choices=ATTENTION)
     warmup_steps: int = _f(2, "int", "steps run before timing", lo=0)
     measure_steps: int = _f(5, "int", "timed steps", lo=1)
     timeout_s: float = _f(600.0, "float", "wall-clock limit of the cell's torchrun job", gt=0.0)
     lr: float = _f(1e-3, "float", "AdamW learning rate", lo=0.0)
-    peak_tflops: float | None = _f(None, "float", "device peak for MFU; null: the device's table", gt=0.0,
+    peak_tflops: float | None = _f(None, "float", "device peak for MFU; null: the GPU's table entry (a GPU "
+                                                  "not in the table gets mfu null, with the reason)", gt=0.0,
                                      nullable=True)
-    check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-rank fp32 run; auto: on cpu in float32")
+    check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-process run in the same dtype; auto: "
+                                              "whenever the reference fits the device, else the record says why")
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,6 @@ bench.strategies.peer_formula.predicted_peer_comm (fsdp2, ddp, ulysses), bench.m
 
 from __future__ import annotations
 
-import gzip
-import json
 from typing import Any, Optional
 
 import torch
@@ -17,14 +15,13 @@ from bench.config.cell import CellConfig
 from bench import strategies
 from bench.config.schema import ELEMENT_SIZE
 from bench.metrics import roofline
-from bench.metrics.formulas import (achieved_tflops, algbw, busbw, causal_pairs_per_step, device_peak_tflops, diff_counts,
-                           mfu, model_flops_per_step)
-from bench.metrics.overlap import comm_time_by_kind, intervals_from_chrome_trace, overlap_stats
+from bench.metrics.formulas import (achieved_tflops, algbw, busbw, causal_pairs_per_step, diff_counts, mfu,
+                                    model_flops_per_step, peak_tflops_for)
 from bench.worker.timing import summarize
 from bench.metrics.loss_check import compare as compare_losses
-from bench.metrics.loss_check import skip_reason as loss_check_skip_reason
 from bench.metrics.measurement import Measurement
 from bench.strategies.common import data_spec, model_config
+from bench.strategies.isp import settings_from
 from isp_core.data import global_batch
 
 
@@ -42,7 +39,7 @@ def comm_metrics(config: CellConfig, counted_total: dict) -> dict[str, Any]:
     p = config.parallel
     counted = per_step_comm(counted_total, config.run.measure_steps)
     predicted = strategies.predicted_comm(p.strategy, model_config(config), data_spec(config), p.world_size, p.sp,
-                                          p.wp, p.overlap, ELEMENT_SIZE[config.run.dtype])
+                                          p.wp, p.overlap, ELEMENT_SIZE[config.run.dtype], settings=settings_from(p))
     mismatches = diff_counts(counted, predicted)
     return {"counted_per_step": counted, "predicted_per_step": predicted,
             "matches_prediction": not mismatches, "mismatches": mismatches,
@@ -56,23 +53,19 @@ def flops_metrics(config: CellConfig, first_step: int, median_s: float, device: 
     flops = model_flops_per_step(m.hidden, m.layers, m.heads, m.kv_heads, m.vocab, m.mlp_hidden,
                                  config.tokens_per_step, int(pairs))
     tflops = achieved_tflops(flops, median_s, config.parallel.world_size)
-    peak = config.run.peak_tflops or (device_peak_tflops(device, config.run.dtype) if device.type == "cuda" else None)
-    return {"flops_per_step": flops, "tflops_per_rank": tflops, "peak_tflops": peak, "mfu": mfu(tflops, peak)}
+    peak, source = peak_tflops_for(device, config.run.dtype, config.run.peak_tflops)
+    out = {"flops_per_step": flops, "tflops_per_rank": tflops, "peak_tflops": peak, "mfu": mfu(tflops, peak)}
+    out["mfu_reason" if peak is None else "peak_tflops_source"] = source
+    return out
 
 
 def trace_metrics(config: CellConfig, profile: Optional[dict], counted: dict) -> Optional[dict[str, Any]]:
-    """Overlap and per-kind communication time from this rank's first trace (per step)."""
-    if not profile or not profile["traces"]:
+    """Overlap and per-kind communication time (per step) that the rank computed from its own
+    trace (bench.metrics.trace_figures), with bandwidth from the counted bytes."""
+    if not profile or not profile.get("figures"):
         return None
-    with gzip.open(profile["traces"][0], "rt") as f:
-        trace = json.load(f)
-    steps = profile["active_steps"]
-    comm, compute = intervals_from_chrome_trace(trace, config.run.device)
-    stats = overlap_stats(comm, compute)
-    for key in ("comm_s", "compute_s", "exposed_comm_s"):
-        stats[key] = stats[key] / steps
-    times = {kind: t / steps for kind, t in comm_time_by_kind(trace).items()}
-    return {"overlap": stats, "comm_time_s": times, "bandwidth": bandwidth(config, counted, times)}
+    figures = profile["figures"]
+    return {**figures, "bandwidth": bandwidth(config, counted, figures["comm_time_s"])}
 
 
 def bandwidth(config: CellConfig, counted: dict, times: dict[str, float]) -> dict[str, Any]:
@@ -104,7 +97,9 @@ def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -
     comm = comm_metrics(config, m.comm)
     metrics: dict[str, Any] = {
         "step_time_s": timing,
+        "tokens_per_step": config.tokens_per_step,
         "tokens_per_s": config.tokens_per_step / timing["median"],
+        "attention": m.attention,
         "loss": losses,
         "peak_memory_bytes": max(mem.get(peak_key, 0) for mem in memory),
         "memory_per_rank": memory,
@@ -113,9 +108,9 @@ def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -
         **flops_metrics(config, m.first_measured_step, timing["median"], device),
     }
     if m.loss_reference is not None:
-        metrics.update(compare_losses(losses, m.loss_reference))
+        metrics.update(compare_losses(losses, m.loss_reference, config.run.dtype))
     else:
-        metrics["loss_check_skipped"] = loss_check_skip_reason(config) or "no reference given"
+        metrics["loss_check_skipped"] = m.loss_check_skipped or "no reference given"
     traces = [trace_metrics(config, r.profile, comm["counted_per_step"]) for r in m.ranks]
     if any(traces):
         per_rank_overlap = [t["overlap"] for t in traces if t]
@@ -128,6 +123,8 @@ def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -
         metrics["overlap_pct"] = metrics["overlap"]["min_overlap_pct"]
         metrics["comm_time_s"] = traces[0]["comm_time_s"]
         metrics["bandwidth"] = traces[0]["bandwidth"]
+        if traces[0]["nccl"]:  # CUDA: bytes and bandwidth the NCCL kernels themselves report
+            metrics["nccl_trace"] = traces[0]["nccl"]
         metrics["traces"] = [p for r in m.ranks if r.profile for p in r.profile["traces"]]
     nvml = [r.nvml for r in m.ranks]
     if any(n is not None for n in nvml):
@@ -153,8 +150,8 @@ def nvml_metrics(per_rank: list[Optional[dict]], m: Measurement) -> dict[str, An
     energy = [n.get("energy_per_token_j") for n in per_rank if n]
     if all(isinstance(e, (int, float)) for e in energy):
         out["energy_per_token_j"] = sum(energy)  # every rank spends energy on the same tokens
-    if m.nvml_off_samples:
-        with_s = summarize(m.samples)["median"]
+    if m.nvml_off_samples and m.nvml_on_samples:  # the same step indices without and with the sampler
+        with_s = summarize(m.nvml_on_samples)["median"]
         without = summarize(m.nvml_off_samples)["median"]
         out["sampler_overhead_pct"] = 100.0 * (with_s / without - 1.0)
     return out

@@ -159,12 +159,25 @@ def mfu(achieved_tflops_per_rank: float, peak_tflops: float | None) -> float | N
     return achieved_tflops_per_rank / peak_tflops
 
 
-#: Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s, from NVIDIA datasheets
-#: (the datasheets' "with sparsity" figures halved). Rows are (pattern matched
-#: against torch.cuda.get_device_name(), {dtype: peak}); the first match wins, so
-#: the more specific variants come first. Word boundaries keep "A10" from
-#: matching "A100" or "A10G".
+#: Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s, from the vendors' datasheets
+#: (NVIDIA's "with sparsity" figures halved). Rows are (pattern matched against
+#: torch.cuda.get_device_name(), {dtype: peak}); the first match wins, so the more
+#: specific variants come first. Word boundaries keep "A10" from matching "A100" or
+#: "A10G" and "H200" from matching "GH200", which has its own row.
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    # NVIDIA GB200 NVL72 datasheet: FP16/BF16 360 PFLOPS sparse over 72 GPUs -> 2500 dense per GPU.
+    (r"\bGB200\b", {"bfloat16": 2500.0, "float16": 2500.0}),
+    # NVIDIA HGX B200 datasheet: FP16/BF16 4.5 PFLOPS sparse per GPU -> 2250 dense.
+    (r"\bB200\b", {"bfloat16": 2250.0, "float16": 2250.0}),
+    # NVIDIA GH200 Grace Hopper datasheet: FP16/BF16 1979 TFLOPS sparse -> 989.4 dense (H100 SXM's).
+    (r"\bGH200\b", {"bfloat16": 989.4, "float16": 989.4}),
+    # NVIDIA H800 SXM5 (China H100: same tensor cores and clocks, NVLink cut): 1979 sparse -> 989.4.
+    (r"\bH800\b.*\bPCIe\b", {"bfloat16": 756.5, "float16": 756.5}),
+    (r"\bH800\b", {"bfloat16": 989.4, "float16": 989.4}),
+    # NVIDIA HGX H20 product brief: FP16/BF16 148 TFLOPS dense (296 sparse).
+    (r"\bH20\b", {"bfloat16": 148.0, "float16": 148.0}),
+    # AMD Instinct MI300X datasheet: FP16/BF16 1307.4 TFLOPS dense (2614.9 with sparsity).
+    (r"\bMI300X\b", {"bfloat16": 1307.4, "float16": 1307.4}),
     (r"\bH100\b.*\bNVL\b", {"bfloat16": 835.5, "float16": 835.5}),
     (r"\bH100\b.*\bPCIe\b", {"bfloat16": 756.5, "float16": 756.5}),
     (r"\bH100\b", {"bfloat16": 989.4, "float16": 989.4}),  # SXM5
@@ -201,6 +214,25 @@ def lookup_peak_tflops(gpu_name: str | None, dtype: torch.dtype | str) -> float 
         if re.search(pattern, gpu_name, flags=re.IGNORECASE):
             return peaks.get(dtype_name)
     return None
+
+
+def peak_tflops_for(device: torch.device | str, dtype: torch.dtype | str,
+                    configured: float | None) -> tuple[float | None, str]:
+    """(peak, where it came from) for MFU; (None, why there is none) when unknown.
+
+    `configured` (run.peak_tflops) wins; a GPU missing from PEAK_TFLOPS gets None and never
+    another GPU's peak, so its MFU is null with the reason in the record."""
+    if configured is not None:
+        return float(configured), "run.peak_tflops"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, f"no MFU on {device.type}: peak FLOP/s are tabled for GPUs only"
+    name = torch.cuda.get_device_name(device)
+    peak = lookup_peak_tflops(name, dtype)
+    if peak is None:
+        return None, (f"{name!r} in {_dtype_name(dtype)} is not in the peak table "
+                      f"(bench/metrics/formulas.py PEAK_TFLOPS); set run.peak_tflops")
+    return peak, f"table: {name}"
 
 
 def device_peak_tflops(device: torch.device | str, dtype: torch.dtype | str) -> float | None:

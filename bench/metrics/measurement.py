@@ -17,7 +17,8 @@ class RankMeasurement:
     comm: dict[str, Any]  # CommStats snapshot over the measured steps: {group: {kind: {calls, bytes}}}
     memory: dict[str, Any]  # peak_memory() of this rank
     nvml: Optional[dict[str, Any]] = None  # the sampler's summary, or why it is unavailable
-    profile: Optional[dict[str, Any]] = None  # {"traces": [...], "active_steps": n, "memory_snapshot"?}
+    # {"traces": [...], "active_steps": n, "figures": trace_figures of its own first trace, "memory_snapshot"?}
+    profile: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -25,10 +26,14 @@ class Measurement:
     samples: list[float]  # seconds per measured step, the max over ranks
     first_measured_step: int  # index of the first timed step (after warm-up)
     ranks: list[RankMeasurement]  # index = global rank
-    nvml_off_samples: Optional[list[float]] = None  # the same kind of steps without the NVML sampler
+    # The first measured step indices run again, without then with the sampler (max over ranks):
+    nvml_off_samples: Optional[list[float]] = None
+    nvml_on_samples: Optional[list[float]] = None
     pool_bytes: int = 0  # what the ISP memory pool holds
     loss_reference: Optional[list[float]] = None  # single-process losses of the same steps
     link_curves: list[Any] = field(default_factory=list)  # roofline.Curve list for metrics.roofline
+    attention: Optional[dict[str, Any]] = None  # isp_core.attention.AttentionBackend.as_record()
+    loss_check_skipped: Optional[str] = None  # why no reference ran, when none did
 
     @property
     def comm(self) -> dict[str, Any]:

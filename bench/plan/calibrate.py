@@ -101,7 +101,10 @@ def compute_rates(record: dict[str, Any], config: Any) -> dict[str, float]:
     traces = (record.get("metrics") or {}).get("traces") or []
     if not traces:
         raise ValueError(f"cell {record.get('cell')}: no trace; run it with profile.enabled: true")
-    with gzip.open(traces[0], "rt") as f:
+    path = Path(traces[0])
+    if not path.is_absolute():  # relative to the run folder since i11's records
+        path = Path(record.get("run_dir", ".")) / path
+    with gzip.open(path, "rt") as f:
         seconds, _, steps = traced_seconds(json.load(f))
     median = record["metrics"]["step_time_s"]["median"]
     # The profiler slows ops down, and the host's gaps between ops (Python) belong to no class:

@@ -41,7 +41,10 @@ def records(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise RunFolderError(f"{run_dir}: no results.jsonl; allowed: a finished run folder under results/")
     env_path = run_dir / "env.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    return latest(read_records(run_dir)), env
+    recs = latest(read_records(run_dir))
+    for r in recs:  # trace paths in records are relative to their run folder
+        r["run_dir"] = str(run_dir)
+    return recs, env
 
 
 def training_configs(recs: list[dict[str, Any]]) -> dict[str, Any]:

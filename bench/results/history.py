@@ -20,6 +20,7 @@ from bench.results.records import Run, flatten, load_run, metric_samples, metric
 from bench.results.verdict import METRICS
 
 DEFAULT_DB = Path("results/history.sqlite")
+MATCHES_FORMULA = "comm.matches_prediction"  # 1.0 when the counted bytes equal the formula, else 0.0
 DbLike = str | Path | sqlite3.Connection
 
 _SCHEMA = """
@@ -44,8 +45,20 @@ CREATE TABLE IF NOT EXISTS cell_metrics (
     PRIMARY KEY (run_id, cell, metric)
 );
 CREATE INDEX IF NOT EXISTS cell_metrics_by_cell ON cell_metrics (cell, metric);
+CREATE TABLE IF NOT EXISTS cell_status (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    cell TEXT NOT NULL,
+    status TEXT NOT NULL,
+    device TEXT,
+    PRIMARY KEY (run_id, cell)
+);
 """
-RUN_COLUMNS = ("id", "name", "path", "utc", "git_commit", "hostname", "torch", "gpu", "driver", "config_name")
+# Columns added after the first release, so a change point can be laid beside what changed
+# that night; connect() adds them to an older DB (their values stay NULL for old runs).
+ADDED_RUN_COLUMNS = ("cuda", "nccl", "gpu_count", "nnodes")
+RUN_COLUMNS = ("id", "name", "path", "utc", "git_commit", "hostname", "torch", "gpu", "driver", "config_name",
+               *ADDED_RUN_COLUMNS)
+SCHEMA_VERSION = 2  # PRAGMA user_version: 0/1 the first schema, 2 with ADDED_RUN_COLUMNS and cell_status
 
 
 @contextmanager
@@ -60,10 +73,20 @@ def connect(db: DbLike) -> Iterator[sqlite3.Connection]:
     try:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         yield conn
         conn.commit()
     finally:
         conn.close()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a DB written by an older version up to SCHEMA_VERSION, in place."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    for column in ADDED_RUN_COLUMNS:
+        if column not in have:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _text(value: Any) -> str | None:
@@ -85,6 +108,14 @@ def _cell_rows(run: Run) -> Iterator[tuple[str, str, float, str | None]]:
         for name, leaf in flatten(record.get("metrics")).items():  # every other number, for trends
             if name not in seen and isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
                 yield cell, name, float(leaf), None
+        matches = (record.get("metrics") or {}).get("comm", {}).get("matches_prediction")
+        if isinstance(matches, bool):  # bytes = formula, an exact check for the nightly: 1 or 0
+            yield cell, MATCHES_FORMULA, float(matches), None
+
+
+def _device(record: dict[str, Any]) -> str | None:
+    run_cfg = (record.get("config") or {}).get("run") or {}
+    return _text(run_cfg.get("device")) if isinstance(run_cfg, dict) else None
 
 
 def record_run(db: DbLike, run_dir: Path | str) -> int:
@@ -94,17 +125,23 @@ def record_run(db: DbLike, run_dir: Path | str) -> int:
     row = (
         run.name, str(run.path.resolve()), run.utc, _text(env.get("git_commit")), _text(env.get("hostname")),
         _text(env.get("torch")), _text(env.get("gpu")), _text(env.get("driver")), run.config_name,
+        *(_text(None if env.get(c) is None else str(env[c])) for c in ADDED_RUN_COLUMNS),
     )
     with connect(db) as conn:
         old = conn.execute("SELECT id FROM runs WHERE path = ?", (row[1],)).fetchone()
         if old is None:
-            cur = conn.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS[1:])}) VALUES ({', '.join('?' * 9)})", row)
+            cur = conn.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS[1:])}) VALUES ({', '.join('?' * len(row))})", row)
             run_id = int(cur.lastrowid)  # type: ignore[arg-type]
         else:
             run_id = int(old[0])
             sets = ", ".join(f"{c} = ?" for c in RUN_COLUMNS[1:])
             conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*row, run_id))
             conn.execute("DELETE FROM cell_metrics WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM cell_status WHERE run_id = ?", (run_id,))
+        conn.executemany(
+            "INSERT INTO cell_status (run_id, cell, status, device) VALUES (?, ?, ?, ?)",
+            [(run_id, c, str(r.get("status")), _device(r)) for c, r in run.records.items()],
+        )
         conn.executemany(
             "INSERT INTO cell_metrics (run_id, cell, metric, value, samples_json) VALUES (?, ?, ?, ?, ?)",
             [(run_id, *r) for r in _cell_rows(run)],
@@ -129,6 +166,7 @@ class HistoryPoint:
     utc: str | None
     value: float
     samples: list[float] | None
+    run_path: str = ""
 
 
 def history_points(
@@ -142,7 +180,7 @@ def history_points(
 ) -> list[HistoryPoint]:
     """The last n recorded values of (cell, metric), newest first, optionally restricted."""
     sql = (
-        "SELECT r.id, r.name, r.utc, m.value, m.samples_json FROM cell_metrics m JOIN runs r ON r.id = m.run_id "
+        "SELECT r.id, r.name, r.utc, m.value, m.samples_json, r.path FROM cell_metrics m JOIN runs r ON r.id = m.run_id "
         "WHERE m.cell = ? AND m.metric = ?"
     )
     params: list[Any] = [cell, metric]
@@ -161,7 +199,7 @@ def history_points(
         params.append(n)
     with connect(db) as conn:
         rows = conn.execute(sql, params).fetchall()
-    return [HistoryPoint(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None) for r in rows]
+    return [HistoryPoint(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
 
 
 def median_of_last(
@@ -185,3 +223,28 @@ def pooled_samples(points: list[HistoryPoint]) -> list[float] | None:
 def cells_and_metrics(db: DbLike) -> list[tuple[str, str]]:
     with connect(db) as conn:
         return conn.execute("SELECT DISTINCT cell, metric FROM cell_metrics ORDER BY cell, metric").fetchall()
+
+
+def series_keys(db: DbLike) -> list[tuple[str, str, str]]:
+    """Every (config name, cell, metric) series: cell ids can repeat across configurations."""
+    with connect(db) as conn:
+        return conn.execute(
+            "SELECT DISTINCT r.config_name, m.cell, m.metric FROM cell_metrics m JOIN runs r ON r.id = m.run_id "
+            "ORDER BY r.config_name, m.cell, m.metric"
+        ).fetchall()
+
+
+def cell_devices(db: DbLike, config_name: str) -> dict[str, str]:
+    """The device each cell of a configuration last ran on (CUDA peaks are exact, RSS peaks are not)."""
+    with connect(db) as conn:
+        rows = conn.execute(
+            "SELECT s.cell, s.device FROM cell_status s JOIN runs r ON r.id = s.run_id WHERE r.config_name = ? "
+            "AND s.device IS NOT NULL ORDER BY r.utc, r.id", (config_name,)
+        ).fetchall()
+    return dict(rows)
+
+
+def ok_before(db: DbLike, cell: str, config_name: str, run_path: Path | str, before_utc: str | None) -> bool:
+    """Whether an earlier run of the configuration has this cell ok (metrics recorded)."""
+    return bool(history_points(db, cell, "step_time_s", 1, before_utc=before_utc, config_name=config_name,
+                               exclude_path=run_path))

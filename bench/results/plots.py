@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,9 +180,14 @@ def write_run_plots(run_dir: Path | str) -> list[Path]:
 
 
 def trend_figure(
-    points: list[HistoryPoint], lo: dict[int, float], hi: dict[int, float], cell: str, metric: str, unit: str = ""
+    points: list[HistoryPoint], lo: dict[int, float], hi: dict[int, float], cell: str, metric: str, unit: str = "",
+    changes: Sequence[tuple[int, str]] = (),
 ) -> Figure:
-    """(d) one metric of one cell across recorded runs, oldest first; p10-p90 whiskers where known."""
+    """(d) one metric of one cell across recorded runs, oldest first; p10-p90 whiskers where known.
+
+    changes: (index of the first run at the new level, "regression" or "improvement"), drawn
+    as a dashed line just before that run, red or green.
+    """
     factor, label = _scale(unit)
     fig = _figure(max(6.0, 0.5 * len(points) + 3), 4)
     ax = fig.add_subplot()
@@ -194,12 +200,18 @@ def trend_figure(
     ax.set_xticks(x[::step], [p.run_name for p in points][::step], rotation=45, ha="right", fontsize="small")
     ax.set_ylabel(f"{metric} ({label})" if label else metric)
     ax.set_title(f"{metric} over recorded runs: {cell}")
+    for index, kind in changes:
+        color = "tab:red" if kind == "regression" else "tab:green"
+        ax.axvline(index - 0.5, color=color, linestyle="--", label=f"{kind} from {points[index].run_name}")
+    if changes:
+        ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return fig
 
 
 def plot_trend(
-    points: list[HistoryPoint], lo: dict[int, float], hi: dict[int, float], cell: str, metric: str, out_dir: Path, unit: str = ""
+    points: list[HistoryPoint], lo: dict[int, float], hi: dict[int, float], cell: str, metric: str, out_dir: Path,
+    unit: str = "", changes: Sequence[tuple[int, str]] = (),
 ) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"trend_{cell}_{metric}")
-    return _save(trend_figure(points, lo, hi, cell, metric, unit), Path(out_dir) / f"{safe}.png")
+    return _save(trend_figure(points, lo, hi, cell, metric, unit, changes), Path(out_dir) / f"{safe}.png")

@@ -1,7 +1,8 @@
 """A run folder's records: written here (one fsync'ed line per cell) and read back here.
 
 Reports, comparisons and the history DB read only what this module returns, never
-logs, so a run folder is the whole contract between measuring and judging.
+logs, so a run folder is the whole contract between measuring and judging. A last line cut
+short by a crash is a torn tail, not corruption: bench/results/torn.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench.results.torn import torn_tail, warn_once, warn_torn
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "cell", "status")
@@ -94,15 +97,23 @@ def _parse_line(path: Path, lineno: int, text: str) -> dict[str, Any]:
 
 
 def load_records(path: Path) -> dict[str, dict[str, Any]]:
-    """Records by cell; a resumed run appends a re-run cell, so the last line for a cell wins."""
+    """Records by cell; a resumed run appends a re-run cell, so the last line for a cell wins.
+
+    A torn tail (see torn_tail) is left out with a warning on stderr; any other bad line is
+    a RecordError naming the file and line.
+    """
+    data = path.read_bytes()
+    torn = torn_tail(path, data)
+    complete = data[: torn.offset] if torn else data
     records: dict[str, dict[str, Any]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            record = _parse_line(path, lineno, text)
-            records.pop(record["cell"], None)  # re-insert so order follows the latest attempt
-            records[record["cell"]] = record
+    for lineno, text in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not text.strip():
+            continue
+        record = _parse_line(path, lineno, text)
+        records.pop(record["cell"], None)  # re-insert so order follows the latest attempt
+        records[record["cell"]] = record
+    if torn:
+        warn_torn(torn)
     return records
 
 
@@ -211,16 +222,25 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # The tolerant reader, for a run still in progress or cut short: the runner (resume), the
 # summary and the roofline use it; compare and history use load_run, which names FILE:LINE.
 def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
-    """Every record in file order; a line cut short by a crash is skipped, not fatal."""
+    """Every record in file order; a torn tail or a bad line is skipped with a warning, not fatal."""
     path = Path(run_dir) / "results.jsonl"
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    torn = torn_tail(path, data)
     records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    lines = (data[: torn.offset] if torn else data).decode("utf-8", errors="replace").splitlines()
+    for lineno, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except ValueError:
-            continue
+            record = None
         if isinstance(record, dict) and "cell" in record:
             records.append(record)
+        elif line.strip():
+            warn_once(f"{path}:{lineno}: warning: not a record, skipped")
+    if torn:
+        warn_torn(torn)
     return records
 
 
@@ -233,11 +253,24 @@ def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """One write of one line, synced: a power cut leaves whole records and at most one torn tail."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One synced write of one line, on a line of its own: the file gains the whole record or,
+    when the write fails (ENOSPC, EIO), nothing; the OSError goes to the caller."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # never glue a record onto a line without its newline
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # drop the part that made it: no half-written record
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

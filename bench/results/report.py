@@ -180,7 +180,7 @@ def _header(run_dir: Path, records: list[Record]) -> list[str]:
     except (OSError, ValueError):
         pass
     name = _read_yaml(run_dir / "config.yaml").get("name", run_dir.name)
-    counts = {s: sum(r.get("status") == s for r in records) for s in ("ok", "failed", "timeout")}
+    counts = {s: sum(r.get("status") == s for r in records) for s in ("ok", "failed", "timeout", "interrupted")}
     def env_get(key: str) -> Any:
         return MISSING if env.get(key) is None else env[key]
 

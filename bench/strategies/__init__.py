@@ -3,7 +3,7 @@
 Each strategy is a module of this package with two functions:
 
     build_trainer(cfg, topo, settings, seed, dtype, device, lr) -> object with train_step(batches) -> float
-    predicted_comm(cfg, spec, world_size, sp, wp, overlap, element_size) -> {group: {kind: {calls, bytes}}}
+    predicted_comm(cfg, spec, world_size, sp, wp, overlap, element_size, settings=None) -> {group: {kind: {calls, bytes}}}
 
 and one `Strategy` entry below, which says what the config checks need to know about it.
 Adding a strategy touches its own module and this registry, nothing else. This module
@@ -68,6 +68,7 @@ def build_trainer(name: str, cfg: Any, topo: Any, settings: Any = None, seed: in
 
 
 def predicted_comm(name: str, cfg: Any, spec: Any, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int) -> dict[str, dict[str, dict[str, int]]]:
-    """{group: {kind: {"calls": n, "bytes": b}}} that strategy `name` sends per step on one rank."""
-    return get(name).module.predicted_comm(cfg, spec, world_size, sp, wp, overlap, element_size)
+                   element_size: int, settings: Any = None) -> dict[str, dict[str, dict[str, int]]]:
+    """{group: {kind: {"calls": n, "bytes": b}}} that strategy `name` sends per step on one rank
+    (`settings`: the cell's ISPSettings; only isp reads its variant fields)."""
+    return get(name).module.predicted_comm(cfg, spec, world_size, sp, wp, overlap, element_size, settings=settings)

@@ -19,7 +19,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 def model_config(cell: CellConfig) -> LlamaConfig:
     m = cell.model
     return LlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads, vocab=m.vocab,
-                       mlp_hidden=m.mlp_hidden, checkpoint=m.checkpoint)
+                       mlp_hidden=m.mlp_hidden, checkpoint=m.checkpoint, attention=cell.run.attention)
 
 
 def data_spec(cell: CellConfig) -> DataSpec:

@@ -50,5 +50,5 @@ def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetting
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int) -> peer_formula.Counts:
+                   element_size: int, settings: Optional[ISPSettings] = None) -> peer_formula.Counts:
     return peer_formula.predicted_peer_comm("ddp", cfg, spec, world_size, sp, element_size)

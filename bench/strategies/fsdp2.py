@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 try:  # private module (torch 2.13): only used to count FSDP2's collectives
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 except ImportError:  # pragma: no cover - older or newer torch: FSDP2 runs, uncounted
@@ -61,13 +61,24 @@ class CountingReduceScatter(DefaultReduceScatter):
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-def shard_with_fsdp2(model: LlamaModel, world: CommGroup, device: torch.device) -> None:
+def master_model(model: LlamaModel) -> LlamaModel:
+    """The model with float32 parameters holding its (possibly bfloat16-rounded) initial values:
+    FSDP2 keeps these as the sharded masters and casts to the compute dtype itself."""
+    return model.float()
+
+
+def shard_with_fsdp2(model: LlamaModel, world: CommGroup, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> None:
     """fully_shard each block, then the root, with FSDP2's defaults (blocks reshard after
-    forward, the root does not) and counting collectives."""
+    forward, the root does not) and counting collectives. With a low-precision `dtype` the
+    float32 shards are the master weights (and AdamW state): FSDP2 all-gathers them in `dtype`
+    and reduce-scatters the gradients in `dtype`, as ISP does with its bfloat16 shards."""
     mesh = init_device_mesh(device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     if not FSDP2_COUNTING:
         print("FSDP2 collectives cannot be counted with this torch: its bytes will not match the formula")
         return
@@ -82,10 +93,11 @@ def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetting
     device = torch.device(device or "cpu")
     model = build_reference_model(cfg, seed, dtype, device)
     if topo.world_size > 1:
-        shard_with_fsdp2(model, topo.world, device)
+        model = master_model(model)
+        shard_with_fsdp2(model, topo.world, device, dtype)
     return PeerTrainer(model, "fsdp2", topo, lr)
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int) -> peer_formula.Counts:
+                   element_size: int, settings: Optional[ISPSettings] = None) -> peer_formula.Counts:
     return peer_formula.predicted_peer_comm("fsdp2", cfg, spec, world_size, sp, element_size)

@@ -1,9 +1,9 @@
 """isp: InternEvo's ISP as isp_core implements it (weights over wp with prefetch, sequence over
-sp with Ulysses attention, vocab-parallel head)."""
+sp with Ulysses attention, vocab-parallel head), and its variants (docs/isp-variants.md)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,5 +21,14 @@ def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetting
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int) -> dict:
-    return _isp_formula(cfg, spec, world_size, sp, wp, overlap, element_size)
+                   element_size: int, settings: Optional[ISPSettings] = None) -> dict:
+    settings = settings or ISPSettings()
+    return _isp_formula(cfg, spec, world_size, sp, wp, overlap, element_size, wp_unit=settings.wp_unit,
+                        head=settings.head)
+
+
+def settings_from(parallel: Any) -> ISPSettings:
+    """The ISPSettings of a cell's `parallel` section (bench.config.schema.ParallelConfig)."""
+    return ISPSettings(parallel.overlap, parallel.memory_pool, wp_unit=parallel.wp_unit, head=parallel.head,
+                       forward_overlap_per=parallel.forward_overlap_per,
+                       launch_allgather_before=parallel.launch_allgather_before)

@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,6 +24,8 @@ from bench.strategies.common import to_device
 from isp_core.comm_stats import CommStats
 from isp_core.data import DataSpec, MicroBatch, micro_batches
 from isp_core.engine import build_reference_model
+from isp_core.loss import vocab_parallel_cross_entropy
+from isp_core.mixed_precision import build_optimizer
 from isp_core.model import LlamaConfig
 from isp_core.topology import ParallelTopology
 
@@ -42,7 +43,9 @@ class PeerTrainer:
                  lr: float = 1e-3, weight_decay: float = 0.01) -> None:
         self.model, self.strategy, self.topo = model, strategy, topo
         self.stats = topo.stats if topo is not None else CommStats()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        # float32 parameters (FSDP2's sharded masters included): plain AdamW; bfloat16 ones
+        # (DDP, one process): float32 masters and AdamW state, as InternEvo trains.
+        self.optimizer = build_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def _local_labels(self, mb: MicroBatch) -> torch.Tensor:
         """The labels of this rank's tokens: MicroBatch.labels holds the whole row."""
@@ -56,23 +59,26 @@ class PeerTrainer:
 
     def train_step(self, micro_batches: list[MicroBatch]) -> float:
         """One optimizer step; returns this rank's mean loss over its own tokens."""
-        total, n = 0.0, len(micro_batches)
+        n = len(micro_batches)
+        total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].tokens.device)
         for i, mb in enumerate(micro_batches):
             with self._sync(last=i == n - 1):
                 logits = self.model(mb.tokens, mb.positions, mb.cu_seqlens, mb.max_seqlen)  # [B, T, V]
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), self._local_labels(mb).flatten())
+                # The same memory-lean loss as ISP's (whole vocabulary here), so memory compares fairly.
+                loss = vocab_parallel_cross_entropy(logits, self._local_labels(mb), None).mean()
                 (loss / n).backward()
-            total += loss.item()
+            total += loss.detach()  # on the device: no host sync per micro-batch
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n
+        return (total / n).item()  # the step's one sync
 
 
 def train_reference(cfg: LlamaConfig, spec: DataSpec, steps: int, seed: int = 0, lr: float = 1e-3,
-                     device: Optional[torch.device] = None) -> list[float]:
-    """Per-step mean losses of one process training on the whole global batch in fp32."""
+                    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> list[float]:
+    """Per-step mean losses of one process training on the whole global batch in `dtype`
+    (bfloat16: float32 masters and AdamW state, as every layout trains)."""
     device = torch.device(device or "cpu")
-    trainer = PeerTrainer(build_reference_model(cfg, seed, torch.float32, device), None, None, lr)
+    trainer = PeerTrainer(build_reference_model(cfg, seed, dtype, device), None, None, lr)
     out = []
     for step in range(steps):
         batches = micro_batches(spec, step, dp=1, dp_rank=0, sp=1, sp_rank=0)

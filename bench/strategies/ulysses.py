@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from bench.strategies import peer_formula
-from bench.strategies.fsdp2 import shard_with_fsdp2
+from bench.strategies.fsdp2 import master_model, shard_with_fsdp2
 from bench.strategies.peer_trainer import PeerTrainer
-from isp_core.attention import DistributedAttention, local_attention
+from isp_core.attention import DistributedAttention
 from isp_core.data import DataSpec
 from isp_core.engine import ISPSettings, build_reference_model
 from isp_core.model import LlamaConfig
@@ -26,12 +26,13 @@ def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetting
     device = torch.device(device or "cpu")
     model = build_reference_model(cfg, seed, dtype, device)
     if topo.world_size > 1:
+        model = master_model(model)
         for block in model.layers:
-            block.attention.core = DistributedAttention(local_attention, topo.sequence)
-        shard_with_fsdp2(model, topo.world, device)
+            block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
+        shard_with_fsdp2(model, topo.world, device, dtype)
     return PeerTrainer(model, "ulysses", topo, lr)
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
-                   element_size: int) -> peer_formula.Counts:
+                   element_size: int, settings: Optional[ISPSettings] = None) -> peer_formula.Counts:
     return peer_formula.predicted_peer_comm("ulysses", cfg, spec, world_size, sp, element_size)

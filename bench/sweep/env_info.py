@@ -48,6 +48,14 @@ def torch_info() -> dict[str, Any]:
     return info
 
 
+def attention_info() -> dict[str, Any]:
+    """flash-attn's version, or why it cannot be imported (missing, or installed but broken);
+    each record says which kernel its cell ran (metrics.attention)."""
+    from isp_core import attention
+
+    return {"flash_attn": attention.FLASH_VERSION, "flash_attn_unavailable": attention.FLASH_MISSING or None}
+
+
 def gpu_info() -> dict[str, Any]:
     """Driver and GPU model from NVML; null plus the reason where NVML cannot start."""
     try:
@@ -77,6 +85,7 @@ def collect(command_line: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         **torch_info(),
+        **attention_info(),
         **gpu_info(),
         **git_info(),
         "command_line": command_line if command_line is not None else [sys.executable, *sys.argv],

@@ -2,26 +2,35 @@
 
 torchrun puts every worker in a session of its own, so killing torchrun's process group is
 not enough when it is itself stuck or killed: the workers it started are found first and
-killed by id afterwards.
+killed by id afterwards. The job also dies with the runner (a parent-death signal) and carries
+the run's lock token in its environment, so a later runner can find what a dead one left
+(bench/sweep/processes.py).
+
+Each launch is one attempt of the cell: its torchrun.log and rank logs gain a marked line
+"==== attempt N ... ====" first, and error tails are read from the last such line on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
+from bench.sweep.processes import (
+    RUN_ENV,
+    die_with_parent,
+    kill_tree,
+    shielded,
+    signals_held,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKER = "bench.worker"
@@ -38,6 +47,7 @@ class LaunchOptions:
     worker_module: str = DEFAULT_WORKER
     python: str = sys.executable
     kill_grace_s: float = 10.0  # SIGTERM, then this long, then SIGKILL
+    run_token: str = ""  # the run lock's token, put in the job's environment as RUN_ENV
 
     def __post_init__(self) -> None:
         if any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in self.torchrun_args):
@@ -76,15 +86,31 @@ class CellPaths:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # ok | failed | timeout
+    status: str  # ok | failed | timeout | interrupted
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
     wall_s: float
-    interrupted: bool = False
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        assert self.status in ("ok", "failed", "timeout"), self.status
+        assert self.status in STATUSES, self.status
         assert (self.status == "ok") == (self.error is None), "an error goes with a failure only"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == "interrupted"
+
+
+STATUSES = ("ok", "failed", "timeout", "interrupted")
+ATTEMPT_MARK = "==== attempt "
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the runner by a signal handler; `signame` says which signal (SIGTERM, SIGINT)."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
 
 
 def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str]:
@@ -99,6 +125,8 @@ def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str
 
 def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if opts.run_token:
+        env[RUN_ENV] = opts.run_token
     if cell.run.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Share the cores between this node's ranks instead of every rank spinning on all of them.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (cell.parallel.world_size // opts.nnodes)))
@@ -110,37 +138,75 @@ def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
     return env
 
 
-def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
-    """Run the cell's torchrun job to its end, its timeout, or Ctrl-C (then interrupted=True)."""
+def start_attempt(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> str:
+    """Mark a new attempt in torchrun.log and this node's rank logs; return the marked line.
+    Earlier attempts' lines stay above it."""
     paths.log_dir.mkdir(parents=True, exist_ok=True)
+    attempt = 1 + sum(line.startswith(ATTEMPT_MARK) for line in _read(paths.torchrun_log).splitlines())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    mark = f"{ATTEMPT_MARK}{attempt} of {paths.log_dir.name}, {stamp} ===="
+    for r in range(cell.parallel.world_size // opts.nnodes):
+        _append_line(paths.log_dir / f"rank{r}.log", mark)
+    _append_line(paths.torchrun_log, f"{mark}\n$ {' '.join(command(cell, paths, opts))}")
+    return mark
+
+
+def _append_line(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(("\n" if f.tell() else "") + text + "\n")  # a blank line between attempts
+
+
+def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
+    """Run the cell's torchrun job to its end, its timeout, or an interrupt (status interrupted)."""
     paths.result.unlink(missing_ok=True)  # a result left by an earlier attempt must not count
+    start_attempt(cell, paths, opts)
     start = time.monotonic()
-    with open(paths.torchrun_log, "w") as log:
-        log.write("$ " + " ".join(command(cell, paths, opts)) + "\n")
-        log.flush()
-        proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own group: Ctrl-C is ours to handle
+    with open(paths.torchrun_log, "a") as log:
+        with signals_held():  # a signal during the fork would be lost in an at-fork hook
+            proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True,  # its own group: Ctrl-C is ours to handle
+                                    preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
         try:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:
-            with _shielded():
+            with shielded():
                 kill_tree(proc, opts.kill_grace_s)
             error = failure(paths, None, f"timeout after {cell.run.timeout_s:g}s")
             return Outcome("timeout", None, error, time.monotonic() - start)
-        except KeyboardInterrupt:
-            with _shielded():
+        except KeyboardInterrupt as exc:
+            with shielded():
                 kill_tree(proc, opts.kill_grace_s)
-            return Outcome("failed", None, failure(paths, None, "interrupted"), time.monotonic() - start,
-                           interrupted=True)
-    wall = time.monotonic() - start
-    if proc.returncode != 0:
+            signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+            return Outcome("interrupted", None, failure(paths, None, f"interrupted by {signame}"),
+                           time.monotonic() - start)
+    return judge(paths, proc.returncode, time.monotonic() - start)
+
+
+def judge(paths: CellPaths, returncode: int, wall: float) -> Outcome:
+    """The outcome of a job that ended by itself, from its exit status and result.json."""
+    if returncode != 0:
         metrics, reason = judged_result(paths.result)
-        return Outcome("failed", metrics, failure(paths, proc.returncode, reason), wall)
+        if reason is None and (agreed := agreed_result(paths.result)) is not None:
+            # Every rank passed the final barrier after the result was written: a crash after
+            # that (gloo's teardown abort) costs nothing measured; say so and keep the result.
+            why = failure(paths, returncode, None)["reason"]
+            return Outcome("ok", agreed, None, wall, (f"{why} after every rank agreed on the result",))
+        return Outcome("failed", metrics, failure(paths, returncode, reason), wall)
     metrics, problem = read_result(paths.result)
     if problem:
         return Outcome("failed", None, failure(paths, 0, problem), wall)
     return Outcome("ok", metrics, None, wall)
+
+
+def agreed_result(path: Path) -> dict[str, Any] | None:
+    """The metrics of a result.json that every rank confirmed (bench/worker/finish.py), else None."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("agreed_by_ranks"), int) and doc.get("error") is None
+    return doc["metrics"] if ok and isinstance(doc.get("metrics"), dict) else None
 
 
 def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -165,71 +231,20 @@ def judged_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return (doc["metrics"] if isinstance(doc.get("metrics"), dict) else None), doc["error"]
 
 
-@contextlib.contextmanager
-def _shielded() -> Iterator[None]:
-    """A second Ctrl-C in the middle of a kill would leave ranks running: finish the kill first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+def _read(path: Path) -> str:
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def kill_tree(proc: subprocess.Popen[Any], grace_s: float) -> None:
-    """SIGTERM torchrun (it forwards to its workers), then SIGKILL whatever of the tree is left."""
-    tree = _descendants(proc.pid)  # before signalling: once torchrun dies its workers are orphans
-    _signal_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pid, started in tree:
-        if _start_time(pid) == started:  # same process, not a reused pid
-            _signal_group(pid, signal.SIGKILL)
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    for send in (os.killpg, os.kill):  # workers lead their own group; others may not
-        try:
-            send(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        # Field 22 (start time), counted after the ')' that ends the command name.
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every process below `root`, from /proc (empty where there is none)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        found += children
-        frontier = children
-    return [(pid, t) for pid in found if (t := _start_time(pid)) is not None]
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    """The last lines of a log's newest attempt (after its last attempt mark)."""
+    text = _read(path)
+    cut = text.rfind(ATTEMPT_MARK)
+    if cut >= 0:
+        text = text[text.find("\n", cut) + 1 if text.find("\n", cut) >= 0 else len(text):]
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def failure(paths: CellPaths, exit_code: int | None, reason: str | None) -> dict[str, Any]:

@@ -3,17 +3,23 @@
 A results folder is complete at every instant: config.yaml, cells.json and env.json are written
 before the first cell starts and results.jsonl gains an fsync'ed line per finished cell, so a
 crash or Ctrl-C loses at most the cell that was running, and --resume picks up from there.
+
+A runner claims its folder first (claimed(): the lock, what a dead runner left, a torn tail, a
+probe write); SIGTERM (a scheduler's time limit) stops the running cell's job, records the
+cell as interrupted and writes the summary within --grace-s. docs/runs.md tells the story.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,11 +29,25 @@ import yaml
 from bench.config.matrix import BenchConfig, Cell
 from bench.metrics import roofline
 from bench.metrics.collectives_spec import table_of
-from bench.results.records import SCHEMA_VERSION, append_record, read_records
-from bench.sweep import env_info
-from bench.sweep.launch import CellPaths, LaunchOptions, Outcome, launch
+from bench.results.records import SCHEMA_VERSION, append_record
+from bench.results.torn import set_torn_tail_aside
+from bench.sweep import env_info, lock
+from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
+from bench.sweep.processes import end_leftovers, kill_me_after
 
-EXIT_OK, EXIT_FAILED_CELLS, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_UNWRITABLE, EXIT_INTERRUPTED = 0, 1, 3, 130
+PROBE_BYTES = 64 << 10  # room for a few records and logs, or the run refuses to start
+RESULTS = "results.jsonl"
+
+
+class RunRefused(Exception):
+    """The run folder cannot be used (held by another runner, not writable); str() says why."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    token: str  # goes into every job's environment (bench/sweep/processes.py)
+    torn_cell: str | None  # the cell whose record a crash cut short: run it again
 
 
 def new_run_dir(results_dir: Path, name: str, now: datetime | None = None) -> Path:
@@ -44,29 +64,70 @@ def new_run_dir(results_dir: Path, name: str, now: datetime | None = None) -> Pa
             path = base.with_name(f"{base.name}-{n}")
 
 
-def prepare(run_dir: Path, bench: BenchConfig, command_line: list[str]) -> None:
+def prepare(run_dir: Path, bench: BenchConfig, command_line: list[str], nnodes: int = 1) -> None:
     """What --resume and the reports need, written before any cell runs."""
     doc = {"name": bench.name, **bench.doc}
     (run_dir / "config.yaml").write_text(f"# from {bench.source}\n" + yaml.safe_dump(doc, sort_keys=False))
     cells = [{"cell": c.id, "swept": c.swept, "config": c.config.to_dict()} for c in bench.cells]
     (run_dir / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")
-    (run_dir / "env.json").write_text(json.dumps(env_info.collect(command_line), indent=1) + "\n")
+    env = {**env_info.collect(command_line), "nnodes": nnodes}  # the history keeps the node count per run
+    (run_dir / "env.json").write_text(json.dumps(env, indent=1) + "\n")
 
 
 def saved_cell_ids(run_dir: Path) -> list[str]:
     return [c["cell"] for c in json.loads((run_dir / "cells.json").read_text())]
 
 
-def ok_cells(run_dir: Path) -> set[str]:
-    """Cells whose newest record is ok: what --resume leaves alone."""
-    newest = {r["cell"]: r.get("status") for r in read_records(run_dir)}
-    return {cell for cell, status in newest.items() if status == "ok"}
+def probe_write(run_dir: Path) -> None:
+    """Fail now, not after the first cell, when the folder is read-only or the disk is full."""
+    probe = run_dir / ".write-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+        os.close(os.open(run_dir / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise RunRefused(f"{run_dir}: results cannot be written there ({exc.strerror or exc}); "
+                         f"free some space or choose another --results-dir") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path, out: TextIO = sys.stdout) -> Iterator[Claim]:
+    """Hold the run folder for one runner: take its lock, end what a dead runner of it left on
+    this host, set a torn last record aside, and check that it can be written."""
+    try:
+        held, previous = lock.acquire(run_dir)
+    except lock.RunLocked as exc:
+        raise RunRefused(str(exc)) from None
+    except OSError as exc:
+        raise RunRefused(f"{run_dir}: results cannot be written there ({exc.strerror or exc})") from None
+    try:
+        if ended := end_leftovers(run_dir, held.token):
+            print(f"ended {len(ended)} process(es) left by runner pid {previous.get('pid', '?')}: "
+                  f"{' '.join(map(str, ended))}", file=out, flush=True)
+        torn = None
+        try:
+            if moved := set_torn_tail_aside(run_dir / RESULTS):
+                torn = moved[0]
+                print(f"{torn.path}:{torn.line}: torn tail ({len(torn.data)} bytes) moved to {moved[1].name}; "
+                      f"cell {torn.cell or '(unreadable)'} runs again", file=out, flush=True)
+        except OSError as exc:
+            raise RunRefused(f"{run_dir}: cannot set the torn tail of {RESULTS} aside ({exc})") from None
+        probe_write(run_dir)
+        yield Claim(held.token, torn.cell if torn else None)
+    finally:
+        held.release()
 
 
 def make_record(run_dir: Path, cell: Cell, started_utc: str, outcome: Outcome) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "run": run_dir.name, "cell": cell.id, "status": outcome.status,
             "swept": cell.swept, "config": cell.config.to_dict(), "metrics": outcome.metrics,
-            "error": outcome.error, "started_utc": started_utc, "wall_s": round(outcome.wall_s, 3)}
+            "error": outcome.error, "warnings": list(outcome.warnings), "started_utc": started_utc,
+            "wall_s": round(outcome.wall_s, 3)}
 
 
 def fmt_duration(seconds: float) -> str:
@@ -82,18 +143,22 @@ def progress(outcome: Outcome, elapsed: float, durations: list[float], left: int
     """'ok 12.3s (elapsed 1m02s, ~2m10s left)'; the ETA is the mean cell time so far."""
     eta = f", ~{fmt_duration(sum(durations) / len(durations) * left)} left" if left else ""
     reason = f": {outcome.error['reason']}" if outcome.error else ""
+    reason += "".join(f" (warning: {w})" for w in outcome.warnings)
     return f"{outcome.status} {outcome.wall_s:.1f}s{reason} (elapsed {fmt_duration(elapsed)}{eta})"
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A batch scheduler cancels with SIGTERM: treat it as Ctrl-C so the summary still gets written."""
+def _sigterm_as_interrupt(grace_s: float) -> Iterator[None]:
+    """A batch scheduler cancels with SIGTERM, then SIGKILLs after its own grace period: stop the
+    cell (launch turns this into an interrupted record) and leave within `grace_s`. A watchdog
+    makes the deadline hard (SIGKILL, exit 137); what it cuts short, --resume repairs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        kill_me_after(grace_s)
+        raise Interrupted("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -115,22 +180,19 @@ def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]
 
 
 def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout,
-              link_profile: Path | None = None) -> int:
-    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep."""
-    results = run_dir / "results.jsonl"
+              link_profile: Path | None = None, grace_s: float = 30.0,
+              launcher: Callable[..., Outcome] = launch) -> int:
+    """Run each cell in turn, whatever happens to the others; return the exit code of the sweep.
+    `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several."""
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
     # Collectives cells first, so the training cells after them get a roofline from this run.
     cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
     start, durations, failed = time.monotonic(), [], 0
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(grace_s):
         try:
             for k, cell in enumerate(cells, 1):
                 print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)
-                paths = CellPaths.under(run_dir, cell.id)
-                write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
-                started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                outcome = launch(cell.config, paths, opts)
-                append_record(results, make_record(run_dir, cell, started, outcome))
+                outcome = _run_one(run_dir, cell, opts, linked, launcher)
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"
                 print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)
@@ -141,4 +203,18 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
         except KeyboardInterrupt:  # between cells, when no job is running to kill
             print("interrupted", file=out, flush=True)
             return EXIT_INTERRUPTED
+        except OSError as exc:  # the disk filled up, the folder went read-only
+            print(f"\nstopped: cannot write to {run_dir} ({exc}); the records before this cell are intact",
+                  file=out, flush=True)
+            return EXIT_UNWRITABLE
     return EXIT_FAILED_CELLS if failed else EXIT_OK
+
+
+def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofline.Curve],
+             launcher: Callable[..., Outcome]) -> Outcome:
+    paths = CellPaths.under(run_dir, cell.id)
+    write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    outcome = launcher(cell.config, paths, opts)
+    append_record(run_dir / RESULTS, make_record(run_dir, cell, started, outcome))
+    return outcome

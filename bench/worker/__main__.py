@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from bench.config.cell import CellConfig
 from bench.metrics.roofline import LINKS_FILE, curves_from_json
-from bench.results.records import write_json_atomic
 from bench.worker.cell import run_cell, setup
+from bench.worker.finish import teardown, write_agreed_result
 
 
 def redirect_output(log_dir: Path, rank: int) -> None:
@@ -38,6 +37,8 @@ def redirect_output(log_dir: Path, rank: int) -> None:
     os.close(fd)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cell-config", type=Path, required=True)
@@ -58,15 +59,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         links = args.cell_config.parent / LINKS_FILE
         curves = curves_from_json(json.loads(links.read_text())) if links.is_file() else []
         metrics = run_cell(config, cell_id, args.out.parents[2], device, curves)
-        if rank == 0:
-            write_json_atomic(args.out, {"metrics": metrics})
-        dist.barrier()
-        dist.destroy_process_group()
+        write_agreed_result(args.out, {"metrics": metrics})
         return 0
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         raise
+    finally:
+        teardown()  # every exit path, the failing ones included
 
 
 if __name__ == "__main__":

@@ -22,13 +22,15 @@ from bench.config.cell import CellConfig
 from bench.metrics import loss_check
 from bench.metrics.assemble import assemble_metrics
 from bench.metrics.measurement import Measurement, RankMeasurement
+from bench.metrics.trace_figures import trace_file_figures
 from bench.strategies.common import TORCH_DTYPES, data_spec, model_config, to_device
 from bench.worker.memory import peak_memory, reset_peak
 from bench.worker.nvml import NvmlSampler, local_device_ids
 from bench.worker.profiling import Profiler, dump_memory_snapshot, start_memory_history, steps_needed, stop_memory_history
-from bench.worker.timing import StepTimer, reduce_max_across_ranks
+from bench.worker.timing import StepTimer, all_ranks_agree, reduce_max_across_ranks
+from isp_core.attention import attention_backend
 from isp_core.data import DataSpec, MicroBatch, micro_batches
-from isp_core.engine import ISPSettings
+from bench.strategies.isp import settings_from
 from isp_core.topology import ParallelTopology
 
 NVML_OVERHEAD_STEPS = 3
@@ -46,6 +48,7 @@ class Cell:
     topo: ParallelTopology
     trainer: Any  # the strategy's trainer: train_step(micro_batches) -> float
     spec: DataSpec
+    attention: dict[str, Any]  # which attention kernel runs and why (AttentionBackend.as_record)
 
 
 def setup(config: CellConfig) -> torch.device:
@@ -59,18 +62,24 @@ def setup(config: CellConfig) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", 1)) != config.parallel.world_size:
         raise RuntimeError(f"torchrun started {os.environ.get('WORLD_SIZE')} ranks but the cell "
                            f"needs parallel.world_size={config.parallel.world_size}")
-    dist.init_process_group(run.backend)
+    # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing
+    # the device from the first collective's tensors).
+    dist.init_process_group(run.backend, device_id=device if device.type == "cuda" else None)
     return device
 
 
 def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device) -> Cell:
     p = config.parallel
+    # Raises (the cell fails) when run.attention is flash and flash-attn cannot run here.
+    attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])
+    print(f"attention: {attention.name} ({attention.reason})", flush=True)
     topo = ParallelTopology.from_env(p.sp, p.wp)
-    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, ISPSettings(p.overlap, p.memory_pool),
+    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
                                        seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
                                        lr=config.run.lr)
     print(f"strategy {p.strategy}; {topo}", flush=True)
-    return Cell(config, cell_id, run_dir, topo.rank, device, topo, trainer, data_spec(config))
+    return Cell(config, cell_id, run_dir, topo.rank, device, topo, trainer, data_spec(config),
+                attention.as_record())
 
 
 def batches_for(cell: Cell, step: int) -> list[MicroBatch]:
@@ -102,6 +111,7 @@ class LocalMeasurement:
     rank: RankMeasurement
     first_measured_step: int
     nvml_off_samples: Optional[list[float]] = None
+    nvml_on_samples: Optional[list[float]] = None
 
 
 def measure(cell: Cell) -> LocalMeasurement:
@@ -123,15 +133,37 @@ def measure(cell: Cell) -> LocalMeasurement:
     stats.enabled = False  # later phases must not change the per-step counts
     out = LocalMeasurement(timer.samples, RankMeasurement(losses, comm, peak_memory(cell.device)), run.warmup_steps)
     if sampler is not None:
-        out.rank.nvml = sampler.summary(run.measure_steps, cell.config.tokens_per_step)
-        if sampler.available:
-            without = StepTimer(cell.device)
-            run_steps(cell, step, NVML_OVERHEAD_STEPS, without)
-            step += NVML_OVERHEAD_STEPS
-            out.nvml_off_samples = without.samples
+        out.rank.nvml = window_summary(sampler, run.measure_steps, cell.config.tokens_per_step)
+    out.nvml_off_samples, out.nvml_on_samples = nvml_overhead(cell, sampler, run.warmup_steps)
+    if sampler is not None:
         sampler.close()
     out.rank.profile = profile(cell, step)
     return out
+
+
+def window_summary(sampler: NvmlSampler, steps: int, tokens_per_step: int) -> dict[str, Any]:
+    """The sampler's summary of `steps` measured steps: the window's energy over the window's
+    tokens (every measured step's, not one step's), so energy/token = energy/step / tokens/step."""
+    return sampler.summary(steps, tokens_per_step * steps)
+
+
+def nvml_overhead(cell: Cell, sampler: Optional[NvmlSampler], first: int
+                  ) -> tuple[Optional[list[float]], Optional[list[float]]]:
+    """Step times of the first measured step indices run again without, then with, the sampler.
+
+    The same indices (the same packed document lengths) on both sides, so the difference is
+    the sampler's. Every rank takes part in the decision: when any rank's NVML is unavailable,
+    no rank runs the extra steps (a rank skipping them alone would leave the others waiting
+    in a collective)."""
+    if not all_ranks_agree(sampler is not None and sampler.available, cell.device):
+        return None, None
+    count = min(NVML_OVERHEAD_STEPS, cell.config.run.measure_steps)
+    off, on = StepTimer(cell.device), StepTimer(cell.device)
+    run_steps(cell, first, count, off)
+    sampler.start()
+    run_steps(cell, first, count, on)
+    sampler.stop()
+    return off.samples, on.samples
 
 
 def make_sampler(cell: Cell) -> Optional[NvmlSampler]:
@@ -156,12 +188,18 @@ def profile(cell: Cell, first_step: int) -> Optional[dict[str, Any]]:
     snapshot = settings.memory_snapshot and cell.device.type == "cuda" and start_memory_history()
     with Profiler(settings, cell.cell_id, cell.rank, trace_root=trace_root) as prof:
         run_steps(cell, first_step, steps_needed(settings), profiler=prof)
-    out: dict[str, Any] = {"traces": [str(p) for p in prof.trace_paths], "active_steps": settings.active}
+    # Paths as they are in the run folder (node 0's, where every node's traces end up), and this
+    # rank's own trace figures, computed here where its file is: rank 0 never opens another
+    # rank's file (no shared disk across nodes).
+    out: dict[str, Any] = {"traces": [str(p.relative_to(cell.run_dir)) for p in prof.trace_paths],
+                           "active_steps": settings.active}
+    if prof.trace_paths:
+        out["figures"] = trace_file_figures(str(prof.trace_paths[0]), cell.device.type, settings.active)
     if snapshot:
         # Loadable by PyTorch's memory_viz; covers the profiled steps only, like the traces.
         path = dump_memory_snapshot(trace_root / cell.cell_id / f"rank{cell.rank}_memory.pickle")
         stop_memory_history()
-        out["memory_snapshot"] = str(path)
+        out["memory_snapshot"] = str(path.relative_to(cell.run_dir)) if path else None
     return out
 
 
@@ -177,13 +215,16 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     cell = build(config, cell_id, run_dir, device)
     local = measure(cell)
     samples = reduce_max_across_ranks(local.samples)
+    # None on every rank or on none (nvml_overhead decides together).
     off = reduce_max_across_ranks(local.nvml_off_samples) if local.nvml_off_samples is not None else None
+    on = reduce_max_across_ranks(local.nvml_on_samples) if local.nvml_on_samples is not None else None
     ranks = gather_per_rank(local.rank)
     if cell.rank != 0:
         return None
     pool = getattr(cell.trainer, "memory_pool", None)
     # After every rank is done measuring: the single-process reference never touches the timings.
-    reference = None if loss_check.skip_reason(config) else loss_check.reference_losses(config, device)
-    measurement = Measurement(samples, local.first_measured_step, ranks, off,
-                              pool.bytes_held()["total"] if pool is not None else 0, reference, link_curves or [])
+    reference, skipped = loss_check.run_reference(config, device)
+    measurement = Measurement(samples, local.first_measured_step, ranks, off, on,
+                              pool.bytes_held()["total"] if pool is not None else 0, reference, link_curves or [],
+                              cell.attention, skipped)
     return assemble_metrics(cell.config, measurement, device)

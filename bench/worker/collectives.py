@@ -24,7 +24,7 @@ from bench.metrics import collectives_spec as spec
 from bench.strategies.common import TORCH_DTYPES
 from bench.config.cell import CellConfig
 from bench.metrics.formulas import algbw, busbw
-from bench.worker.timing import StepTimer, percentile, reduce_max_across_ranks
+from bench.worker.timing import StepTimer, gather_across_ranks, percentile
 from isp_core.collectives import Pending, all_gather, all_reduce_, all_to_all, reduce_scatter
 from isp_core.topology import CommGroup, ParallelTopology
 
@@ -125,32 +125,37 @@ def check(op: OpSpec, count: int, g: CommGroup, dtype: torch.dtype, dev: torch.d
 
 
 def time_op(op: OpSpec, count: int, g: CommGroup, dtype: torch.dtype, dev: torch.device,
-            warmup: int, iters: int, async_op: bool) -> list[float]:
-    """Seconds per call on this rank: one sample per call (blocking), or the batch / iters (async)."""
+            warmup: int, iters: int, async_op: bool) -> float:
+    """Seconds per call on this rank, as nccl-tests times: after a barrier, `iters` launches
+    back to back between two events, divided by iters. Blocking calls wait one by one (on
+    NCCL that only orders the stream, the host keeps launching); async ones are all launched,
+    then waited. Timing each call alone would add a launch and a sync to every sample."""
     x, out = op.make(count, g, dtype, dev)
     x.zero_()  # all_reduce_ works in place: zeros stay finite however many calls run
     for _ in range(warmup):
         op.launch(x, out, g, False).wait()
-    timer = StepTimer(dev)  # CUDA events; on CPU barrier + wall clock + barrier (world group)
-    if async_op:
-        with timer.step():
+    timer = StepTimer(dev)  # barrier, then CUDA events (CPU: wall clock, closing barrier)
+    with timer.step():
+        if async_op:
             for pending in [op.launch(x, out, g, True) for _ in range(iters)]:
                 pending.wait()
-        return [timer.samples[0] / iters]
-    for _ in range(iters):
-        with timer.step():
-            op.launch(x, out, g, False).wait()
-    return timer.samples
+        else:
+            for _ in range(iters):
+                op.launch(x, out, g, False).wait()
+    return timer.samples[0] / iters
 
 
 def make_row(op: str, count: int, dtype: str, n: int, samples_s: list[float], wrong: int) -> dict[str, Any]:
-    """One table row; time is the mean of the samples, algbw/busbw come from it (nccl-tests)."""
+    """One table row from one sample per rank (its seconds per call); time is their mean, as
+    nccl-tests averages over ranks, and algbw/busbw come from it. skew_pct = 100 (max - min) / max
+    over the ranks: how unevenly the ranks saw the same collective."""
     nbytes = count * ELEMENT_SIZE[dtype]
     xs = sorted(samples_s)
     t = sum(xs) / len(xs)
     return {"size_bytes": nbytes, "count": count, "type": spec.NCCL_TYPE[dtype], "redop": spec.REDOP[op],
             "time_us": t * 1e6, "min_us": xs[0] * 1e6, "max_us": xs[-1] * 1e6, "p99_us": percentile(xs, 99.0) * 1e6,
             "algbw_gbps": algbw(nbytes, t), "busbw_gbps": busbw(op, nbytes, t, n), "wrong": wrong,
+            "skew_pct": 100.0 * (xs[-1] - xs[0]) / xs[-1] if xs[-1] > 0 else 0.0,
             "samples_us": [s * 1e6 for s in samples_s]}
 
 
@@ -179,8 +184,8 @@ def sweep(config: CellConfig, cell_id: str, dev: torch.device) -> dict[str, Any]
         rows = []
         for count in spec.sweep_counts(name, c.min_bytes, c.max_bytes, c.factor, g.size, size):
             wrong = _world_sum(check(OPS[name], count, g, dtype, dev, corrupt), dev)
-            samples = time_op(OPS[name], count, g, dtype, dev, c.warmup_iters, c.iters, c.async_op)
-            rows.append(make_row(name, count, config.run.dtype, g.size, reduce_max_across_ranks(samples), wrong))
+            seconds = time_op(OPS[name], count, g, dtype, dev, c.warmup_iters, c.iters, c.async_op)
+            rows.append(make_row(name, count, config.run.dtype, g.size, gather_across_ranks(seconds), wrong))
         doc["ops"][name] = {"rows": rows}
     return spec.finish(doc, c.min_busbw_gbps)
 
@@ -190,11 +195,11 @@ def run_collectives(config: CellConfig, cell_id: str, out: Path, dev: torch.devi
     reduced over the world), after rank 0 has written the table and result.json."""
     from bench.results.records import write_json_atomic
 
+    from bench.worker.finish import write_agreed_result
+
     doc = sweep(config, cell_id, dev)
     if dist.get_rank() == 0:
         print(spec.format_table(doc), flush=True)
         write_json_atomic(out.parents[2] / "collectives" / f"{cell_id}.json", doc)
-        write_json_atomic(out, {"metrics": {"collectives": doc}, "error": doc["error"]})
-    dist.barrier()
-    dist.destroy_process_group()
-    return 1 if doc["error"] else 0
+    write_agreed_result(out, {"metrics": {"collectives": doc}, "error": doc["error"]})
+    return 1 if doc["error"] else 0  # the process group is torn down by bench.worker's main

@@ -1,9 +1,9 @@
 """Step timing: summary statistics, a per-step timer, and the cross-rank reduction.
 
-A step's time is the time of the slowest rank: on CUDA each rank times its own
-stream with events and the worker takes the element-wise max over ranks
-(`reduce_max_across_ranks`); on CPU the timer brackets the step with barriers so
-that every rank already reads the synchronised wall clock.
+A step's time is the time of the slowest rank: every timed step starts after a barrier (so
+the ranks' launch skew is not timed), then on CUDA each rank times its own stream with
+events and the worker takes the element-wise max over ranks (`reduce_max_across_ranks`); on
+CPU the timer also ends with a barrier, so every rank already reads the synchronised wall clock.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def _dist_ready() -> bool:
 class StepTimer:
     """Times training steps: `with timer.step(): ...`, then `timer.samples` (seconds).
 
-    CUDA: a start and an end `torch.cuda.Event(enable_timing=True)` are recorded on
-    the current stream around the step; after `end.synchronize()` the step time is
+    CUDA: a barrier (all ranks' earlier work done, none starts early), then a start and
+    an end `torch.cuda.Event(enable_timing=True)` are recorded on the current stream
+    around the step; after `end.synchronize()` the step time is
     start.elapsed_time(end) / 1000 (elapsed_time is in milliseconds). Work on other
     streams is included only if it is joined back to the current stream before the
     end event, as every collective's wait() does.
@@ -97,6 +98,7 @@ class StepTimer:
     def _cuda_step(self) -> Iterator[None]:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        self._barrier()
         start.record()
         yield
         end.record()
@@ -112,7 +114,15 @@ class StepTimer:
         self.samples.append(time.perf_counter() - t0)
 
     def _barrier(self) -> None:
-        if _dist_ready():
+        if not _dist_ready():
+            return
+        if self.device.type == "cuda" and "nccl" in str(dist.get_backend(self.group)).lower():
+            # NCCL's barrier is an all-reduce on the device; synchronising after it makes the
+            # host wait until every rank has arrived, so no rank's start event runs early.
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            dist.barrier(group=self.group, device_ids=[index])
+            torch.cuda.synchronize(self.device)
+        else:
             dist.barrier(group=self.group)
 
     def reset(self) -> None:
@@ -126,6 +136,27 @@ def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_ranks_agree(flag: bool, device: torch.device | str | None = None,
+                    group: dist.ProcessGroup | None = None) -> bool:
+    """True only when `flag` is true on every rank (an all-reduce MIN; `flag` itself when
+    torch.distributed is not initialised). Every rank must call it."""
+    if not _dist_ready():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduction_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def gather_across_ranks(value: float, group: dist.ProcessGroup | None = None) -> list[float]:
+    """Every rank's `value`, in rank order ([value] when torch.distributed is not initialised)."""
+    if not _dist_ready():
+        return [float(value)]
+    t = torch.tensor([value], dtype=torch.float64, device=_reduction_device(group))
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [float(x.item()) for x in out]
 
 
 def reduce_max_across_ranks(samples: list[float], group: dist.ProcessGroup | None = None) -> list[float]:

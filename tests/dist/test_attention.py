@@ -13,7 +13,7 @@ import torch
 
 from tests.support.dist_harness import run_ranks
 from isp_core import attention
-from isp_core.attention import DistributedAttention, expand_kv_heads, local_attention
+from isp_core.attention import DistributedAttention, LocalAttention, expand_kv_heads, local_attention
 from isp_core.comm_stats import CommStats
 from isp_core.topology import CommGroup, ParallelTopology
 
@@ -104,7 +104,7 @@ def _check_config(topo: ParallelTopology, index: int, cfg: tuple) -> None:
     recorder = _Recorder(attention._SeqAllToAll)
     attention._SeqAllToAll = recorder
     try:
-        out = DistributedAttention(local_attention, topo.sequence)(*local, **kw)
+        out = DistributedAttention(LocalAttention(), topo.sequence)(*local, **kw)
     finally:
         attention._SeqAllToAll = recorder.real
     out.backward(dout[:, chunk])
@@ -197,7 +197,7 @@ def test_sp1_runs_local_attention_without_communication() -> None:
     group = _group(1)
     gen = torch.Generator().manual_seed(3)
     q, k, v = _randn(gen, 1, S, 4, D), _randn(gen, 1, S, 1, D), _randn(gen, 1, S, 1, D)
-    attn = DistributedAttention(local_attention, group)
+    attn = DistributedAttention(LocalAttention(), group)
     want = reference_attention(q, k, v, cu_seqlens=DOCS)
     cu = torch.tensor(DOCS)
     for packing in ("q_kv", "q_k_v"):
@@ -215,7 +215,7 @@ def test_sp1_runs_local_attention_without_communication() -> None:
 ])
 def test_head_counts_checked_before_any_communication(args: tuple, match: str) -> None:
     group = _group(4)  # pg None: a communication attempt would fail differently
-    attn = DistributedAttention(local_attention, group)
+    attn = DistributedAttention(LocalAttention(), group)
     with pytest.raises(ValueError, match=match):
         attn(*(torch.zeros(shape) for shape in args))
     assert group.stats.snapshot() == {}

@@ -133,8 +133,10 @@ def messages(parallel: dict, **sections: dict) -> list[str]:
     ({"strategy": "fsdp2", "world_size": 4}, {"data": {"global_batch": 6}},
      ("base.data.global_batch", "dp*micro_num=4*1", "multiples of 4")),
     ({"strategy": "ddp"}, {"run": {"warmup_steps": 0}}, ("base.run.warmup_steps", "rebuilds its gradient buckets")),
-    ({"strategy": "isp", "sp": 2, "wp": 2}, {"run": {"check_loss": True, "dtype": "bfloat16"}},
-     ("base.run.check_loss", "allowed with bfloat16: 'auto' or false")),
+    ({"strategy": "isp", "sp": 2, "wp": 2}, {"run": {"dtype": "float16"}},
+     ("base.run.dtype", "float16 training needs dynamic loss scaling", "allowed for training: float32, bfloat16")),
+    ({"strategy": "isp", "sp": 2, "wp": 2}, {"run": {"attention": "flash"}},
+     ("base.run.attention", "flash-attn runs on CUDA only")),
 ])
 def test_invalid_combinations_are_config_errors(parallel: dict, sections: dict, parts: tuple[str, ...]) -> None:
     msgs = messages(parallel, **sections)

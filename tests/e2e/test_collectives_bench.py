@@ -302,7 +302,7 @@ def test_collectives_cell_end_to_end(mixed_run: tuple[Path, Any]) -> None:
     assert tuple(doc["ops"]) == COLLECTIVE_OPS
     assert doc["wrong"] == 0 and doc["group_ranks"] == [[0, 1]] and doc["min_busbw_gbps"] == 0.000001
     rows = doc["ops"]["all_gather"]["rows"]
-    assert [r["size_bytes"] for r in rows] == [256, 1024, 4096, 16384] and all(len(r["samples_us"]) == 3 for r in rows)
+    assert [r["size_bytes"] for r in rows] == [256, 1024, 4096, 16384] and all(len(r["samples_us"]) == 2 for r in rows)  # one per rank
     for op in doc["ops"].values():
         assert op["avg_busbw_gbps"] == pytest.approx(sum(r["busbw_gbps"] for r in op["rows"]) / len(op["rows"]))
     # the runner's copy of the table (collectives cells run first) and rank 0's log agree with the JSON

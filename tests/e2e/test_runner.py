@@ -28,8 +28,8 @@ from bench.sweep.launch import CellPaths, LaunchOptions, command, environment, f
 from bench.sweep.runner import fmt_duration, new_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
-RECORD_KEYS = {"schema_version", "run", "cell", "status", "swept", "config", "metrics", "error", "started_utc",
-               "wall_s"}
+RECORD_KEYS = {"schema_version", "run", "cell", "status", "swept", "config", "metrics", "error", "warnings",
+               "started_utc", "wall_s"}
 SMALL = {"model": {"hidden": 64, "layers": 1, "heads": 4, "kv_heads": 2, "vocab": 256, "mlp_hidden": 128},
          "data": {"seq_len": 32, "global_batch": 4, "micro_num": 1},
          "parallel": {"world_size": 2, "sp": 2, "wp": 2},
@@ -119,7 +119,8 @@ def test_sweep_leaves_a_complete_results_folder(sweep: tuple[Path, subprocess.Co
     assert {"python", "torch", "cuda", "nccl", "driver", "gpu", "hostname", "platform", "cpu_count", "git_commit",
             "git_dirty", "command_line", "utc"} <= set(env)
     assert env["gpu"] is None and env["nvml_unavailable"] or env["gpu"]
-    assert (run_dir / "logs" / OK[1] / "torchrun.log").read_text().startswith("$ ")
+    torchrun_log = (run_dir / "logs" / OK[1] / "torchrun.log").read_text()
+    assert torchrun_log.startswith(f"==== attempt 1 of {OK[1]}, ") and "\n$ " in torchrun_log
     assert (run_dir / "logs" / OK[1] / "rank1.log").is_file()
     assert json.loads((run_dir / "cells" / OK[1] / "result.json").read_text())["metrics"]
     summary = (run_dir / "summary.md").read_text()
@@ -135,7 +136,7 @@ def test_resume_runs_only_cells_without_ok(sweep: tuple[Path, subprocess.Complet
     run_dir = tmp_path / sweep[0].name
     shutil.copytree(sweep[0], run_dir)
     out = run_cli(["--resume", str(run_dir)], {})  # every cell would now succeed
-    assert out.stdout.splitlines()[0] == f"resume {run_dir}: 2 cell(s) ok, 3 to run"
+    assert out.stdout.splitlines()[0].startswith(f"resume {run_dir}: 2 cell(s) ok, 3 to run")
     records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [r["cell"] for r in records[5:]] == [CRASH, KILL, HANG]
     assert records[5]["status"] == records[6]["status"] == "ok"
@@ -152,7 +153,9 @@ def test_ctrl_c_kills_the_cell_records_it_and_writes_the_summary(tmp_path: Path)
     proc = run_cli([str(config), "--results-dir", str(tmp_path / "r")], {"base": "hang"},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "r").glob("*/logs/base/rank1.log")) and time.monotonic() < deadline:
+    # The runner marks the attempt in rank1.log before the job starts; the rank's own line says it runs.
+    while not any("mode hang" in p.read_text() for p in (tmp_path / "r").glob("*/logs/base/rank1.log")) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
@@ -160,8 +163,8 @@ def test_ctrl_c_kills_the_cell_records_it_and_writes_the_summary(tmp_path: Path)
     assert proc.returncode == 130, (stdout, stderr)
     run_dir = next((tmp_path / "r").iterdir())
     (record,) = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-    assert record["status"] == "failed" and record["error"]["reason"] == "interrupted"
-    assert "[1/1] base ... failed" in stdout and (run_dir / "summary.md").is_file()
+    assert record["status"] == "interrupted" and record["error"]["reason"] == "interrupted by SIGINT"
+    assert "[1/1] base ... interrupted" in stdout and (run_dir / "summary.md").is_file()
     assert "Traceback" not in stderr
     assert_no_leftovers(run_dir)
 

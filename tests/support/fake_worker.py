@@ -8,6 +8,9 @@ chosen per cell id by FAKE_WORKER_PLAN (JSON {cell id: mode}; default "ok"):
   kill   the last rank SIGKILLs itself
   exit   the last rank calls os._exit(137)
   hang   every rank sleeps past any timeout
+  abort  the result is written and agreed by every rank, then the last rank aborts (SIGABRT),
+         as gloo's thread teardown sometimes does
+  fill   as ok, then rank 0 fills the run folder's disk (a file `filler` beside results.jsonl)
 FAKE_WORKER_LAUNCHES names a file where rank 0 appends the cell id of every launch.
 """
 
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from bench.config import CellConfig
+from bench.worker.finish import write_agreed_result
 
 
 def _log_uncaught(log: TextIO) -> None:
@@ -64,6 +68,16 @@ def fake_metrics(cell: CellConfig) -> dict[str, Any]:
     }
 
 
+def _fill_disk(path: Path) -> None:
+    """Write until the file system says ENOSPC: the runner's next append must fail cleanly."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cell-config", type=Path, required=True)
@@ -87,7 +101,7 @@ def main() -> None:
 
     if mode == "hang":
         time.sleep(3600)
-    if mode != "ok":
+    if mode not in ("ok", "abort", "fill"):
         if rank != world - 1:
             time.sleep(3600)  # until torchrun tears the job down
         if mode == "crash":
@@ -100,11 +114,13 @@ def main() -> None:
             os._exit(137)
         raise ValueError(f"unknown FAKE_WORKER_PLAN mode {mode!r}")
 
-    if rank == 0:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"metrics": fake_metrics(cell)}))
-        tmp.rename(args.out)  # whole or absent, as the real worker should
-    dist.barrier()
+    write_agreed_result(args.out, {"metrics": fake_metrics(cell)})  # the real worker's ending
+    if mode == "fill" and rank == 0:
+        _fill_disk(args.out.parents[2] / "filler")
+    if mode == "abort" and rank == world - 1:
+        log.write("terminate called without an active exception (fake)\n")
+        log.flush()
+        os.abort()
     dist.destroy_process_group()
     log.write("done\n")
 

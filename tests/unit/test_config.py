@@ -121,6 +121,12 @@ def test_cell_config_round_trip_and_derived_sizes() -> None:
                                         "'isp', 'fsdp2', 'ddp', 'ulysses'")),
     ("parallel", {"overlap": 1}, ("base.parallel.overlap", "got int 1", "true or false")),
     ("parallel", {"sp": "all"}, ("base.parallel.sp", "or 'world'")),
+    ("parallel", {"wp_unit": "layer"}, ("base.parallel.wp_unit", "'layer' is not allowed", "'module', 'block'")),
+    ("parallel", {"head": "vocab"}, ("base.parallel.head", "allowed: 'vocab_parallel', 'gathered'")),
+    ("parallel", {"launch_allgather_before": "w2"}, ("base.parallel.launch_allgather_before",
+                                                     "'wo', 'wqkv', 'attn', 'w1'")),
+    ("parallel", {"strategy": "ulysses", "wp": 1, "head": "gathered"},
+     ("base.parallel.head", "with strategy ulysses: only isp has this option", "allowed: 'vocab_parallel'")),
     ("profile", {"ranks": [0, -1]}, ("base.profile.ranks", "'all' or a list of ints")),
     ("nvml", {"enabled": "yes"}, ("base.nvml.enabled", "'auto', true or false")),
 ])
@@ -311,3 +317,16 @@ def test_cli_dry_run_filter_and_set(tmp_path: Path) -> None:
     assert bad.stderr.splitlines() == [
         "bench/default.yaml: --set parallel.world_size: got bool True; allowed: an int >= 1",
         "bench/default.yaml: --set matrix.parallel.sp: int 0 is out of range; allowed: an int >= 1 or 'world'"]
+
+
+def test_isp_variants_config_pairs_each_variant_with_ulysses() -> None:
+    cfg = load_config(REPO / "configs" / "isp-variants-cpu.yaml")
+    cells = {(c.config.parallel.world_size, c.config.parallel.strategy, c.config.parallel.wp_unit,
+              c.config.parallel.head) for c in cfg.cells}
+    for ws in (2, 4):
+        assert (ws, "ulysses", "module", "vocab_parallel") in cells
+        assert {(ws, "isp", u, h) for u in ("module", "block") for h in ("vocab_parallel", "gathered")} <= cells
+    # a gathered head does not split the vocabulary over sp: only wp must divide it
+    ok = build(doc(base={**SMALL, "model": {**SMALL["model"], "vocab": 66},
+                         "parallel": {"world_size": 4, "sp": 4, "wp": 2, "head": "gathered"}}), "t.yaml", "t")
+    assert ok.cells[0].config.parallel.head == "gathered"

@@ -109,6 +109,15 @@ def test_achieved_tflops_and_mfu():
         ("Tesla V100-SXM2-32GB", torch.bfloat16, None),
         ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165.2),
         ("NVIDIA A10G", torch.bfloat16, None),  # not A10, not in the table
+        ("NVIDIA GH200 480GB", torch.bfloat16, 989.4),  # missed by the H200 row's word boundary
+        ("NVIDIA B200", torch.bfloat16, 2250.0),
+        ("NVIDIA GB200", torch.bfloat16, 2500.0),
+        ("NVIDIA H800", torch.bfloat16, 989.4),
+        ("NVIDIA H800 PCIe", torch.bfloat16, 756.5),
+        ("NVIDIA H20", torch.bfloat16, 148.0),
+        ("AMD Instinct MI300X", torch.bfloat16, 1307.4),
+        ("NVIDIA H200 NVL", torch.bfloat16, 835.5),
+        ("NVIDIA RTX PRO 6000 Blackwell", torch.bfloat16, None),
         ("NVIDIA H100 80GB HBM3", torch.float32, None),
         ("cpu", torch.bfloat16, None),
         (None, torch.bfloat16, None),
@@ -120,6 +129,14 @@ def test_peak_lookup(name, dtype, peak):
 
 def test_device_peak_on_cpu_is_none():
     assert device_peak_tflops("cpu", torch.bfloat16) is None
+
+
+def test_peak_source_or_reason():
+    from bench.metrics.formulas import peak_tflops_for
+
+    assert peak_tflops_for("cpu", "bfloat16", 123.0) == (123.0, "run.peak_tflops")
+    peak, reason = peak_tflops_for("cpu", "bfloat16", None)
+    assert peak is None and "no MFU on cpu" in reason
 
 
 def test_comm_counts_diff():

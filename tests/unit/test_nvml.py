@@ -223,3 +223,16 @@ def test_real_pynvml_without_driver():
     sampler.start()
     sampler.stop()
     assert sampler.summary(steps=1, tokens=1) == {"available": False, "reason": expected}
+
+
+def test_worker_energy_per_token_is_window_energy_over_window_tokens() -> None:
+    from bench.worker.cell import window_summary
+
+    fake = FakeNvml()
+    sampler = NvmlSampler([0], interval_ms=5, nvml_module=fake)
+    run_window(sampler, fake, energy_delta_mj=600_000)  # 600 J over the window
+    steps, tokens_per_step = 10, 4096
+    out = window_summary(sampler, steps, tokens_per_step)
+    assert out["energy_per_step_j"] == pytest.approx(60.0)
+    # energy/token = energy/step / tokens/step; the old call divided all steps' energy by one step's tokens.
+    assert out["energy_per_token_j"] == pytest.approx(out["energy_per_step_j"] / tokens_per_step)

@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from bench.strategies import peer_formula
-from bench.strategies.peer_trainer import PeerTrainer
+from bench.strategies.peer_trainer import PeerTrainer, build_peer_trainer
 from isp_core.data import DataSpec
-from isp_core.engine import ISPSettings, build_reference_model
+from isp_core.engine import ISPSettings
 from isp_core.model import LlamaConfig
 from isp_core.topology import CommGroup, ParallelTopology
 
@@ -38,15 +39,17 @@ counting_allreduce_hook.__annotations__.update(bucket=dist.GradBucket, group=Com
                                                **{"return": torch.futures.Future[torch.Tensor]})
 
 
+def wrap(model: nn.Module, topo: ParallelTopology, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Whole weights on every rank; the counting hook all-reduces DDP's buckets."""
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp.register_comm_hook(topo.world, counting_allreduce_hook)
+    return ddp
+
+
 def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(), seed: int = 0,
                   dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
                   lr: float = 1e-3) -> PeerTrainer:
-    device = torch.device(device or "cpu")
-    model = build_reference_model(cfg, seed, dtype, device)
-    if topo.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        model.register_comm_hook(topo.world, counting_allreduce_hook)
-    return PeerTrainer(model, "ddp", topo, lr)
+    return build_peer_trainer("ddp", wrap, cfg, topo, seed, dtype, device, lr)
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 try:  # private module (torch 2.13): only used to count FSDP2's collectives
@@ -24,9 +25,9 @@ else:
     FSDP2_COUNTING = True
 
 from bench.strategies import peer_formula
-from bench.strategies.peer_trainer import PeerTrainer
+from bench.strategies.peer_trainer import PeerTrainer, build_peer_trainer
 from isp_core.data import DataSpec
-from isp_core.engine import ISPSettings, build_reference_model
+from isp_core.engine import ISPSettings
 from isp_core.model import LlamaConfig, LlamaModel
 from isp_core.topology import CommGroup, ParallelTopology
 
@@ -87,15 +88,17 @@ def shard_with_fsdp2(model: LlamaModel, world: CommGroup, device: torch.device,
         module.set_custom_reduce_scatter(CountingReduceScatter(world))
 
 
+def wrap(model: nn.Module, topo: ParallelTopology, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """float32 master shards, each block then the root fully_shard-ed over the world."""
+    model = master_model(model)
+    shard_with_fsdp2(model, topo.world, device, dtype)
+    return model
+
+
 def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(), seed: int = 0,
                   dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
                   lr: float = 1e-3) -> PeerTrainer:
-    device = torch.device(device or "cpu")
-    model = build_reference_model(cfg, seed, dtype, device)
-    if topo.world_size > 1:
-        model = master_model(model)
-        shard_with_fsdp2(model, topo.world, device, dtype)
-    return PeerTrainer(model, "fsdp2", topo, lr)
+    return build_peer_trainer("fsdp2", wrap, cfg, topo, seed, dtype, device, lr)
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,

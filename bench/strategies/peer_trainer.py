@@ -13,6 +13,7 @@ mean loss; the mean over all ranks is the global mean loss (what the worker reco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, Optional
 
@@ -85,3 +86,17 @@ def train_reference(cfg: LlamaConfig, spec: DataSpec, steps: int, seed: int = 0,
         to_device(batches, device)
         out.append(trainer.train_step(batches))
     return out
+
+
+Wrap = Callable[[nn.Module, ParallelTopology, torch.device, torch.dtype], nn.Module]
+
+
+def build_peer_trainer(strategy: str, wrap: Wrap, cfg: LlamaConfig, topo: ParallelTopology, seed: int,
+                       dtype: torch.dtype, device: Optional[torch.device], lr: float) -> PeerTrainer:
+    """The plain model with the reference's initial weights, handed to `wrap` (the strategy's
+    sharding or replication) when there is more than one rank."""
+    device = torch.device(device or "cpu")
+    model = build_reference_model(cfg, seed, dtype, device)
+    if topo.world_size > 1:
+        model = wrap(model, topo, device, dtype)
+    return PeerTrainer(model, strategy, topo, lr)

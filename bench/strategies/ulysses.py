@@ -9,28 +9,31 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 
 from bench.strategies import peer_formula
 from bench.strategies.fsdp2 import master_model, shard_with_fsdp2
-from bench.strategies.peer_trainer import PeerTrainer
+from bench.strategies.peer_trainer import PeerTrainer, build_peer_trainer
 from isp_core.attention import DistributedAttention
 from isp_core.data import DataSpec
-from isp_core.engine import ISPSettings, build_reference_model
+from isp_core.engine import ISPSettings
 from isp_core.model import LlamaConfig
 from isp_core.topology import ParallelTopology
+
+
+def wrap(model: nn.Module, topo: ParallelTopology, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Each block's attention Ulysses-style over the sequence group, then FSDP2 as for fsdp2."""
+    model = master_model(model)
+    for block in model.layers:
+        block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
+    shard_with_fsdp2(model, topo.world, device, dtype)
+    return model
 
 
 def build_trainer(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSettings = ISPSettings(), seed: int = 0,
                   dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
                   lr: float = 1e-3) -> PeerTrainer:
-    device = torch.device(device or "cpu")
-    model = build_reference_model(cfg, seed, dtype, device)
-    if topo.world_size > 1:
-        model = master_model(model)
-        for block in model.layers:
-            block.attention.core = DistributedAttention(block.attention.core, topo.sequence)
-        shard_with_fsdp2(model, topo.world, device, dtype)
-    return PeerTrainer(model, "ulysses", topo, lr)
+    return build_peer_trainer("ulysses", wrap, cfg, topo, seed, dtype, device, lr)
 
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,

@@ -12,8 +12,8 @@ from isp_core.engine import ISPModel, ISPSettings, ISPTrainer, build_isp_model, 
 from isp_core.head_embedding import (EmbeddingWeightParallelCommunicator, GatheredHeadCommunicator,
                                      HeadWeightParallelCommunicator,
                                      ParallelEmbedding)
-from isp_core.isp_communicator import (ISPCommunicator, ISPCommunicatorSchedulerHook, ISPCommunicatorWrapper,
-                                       ISPOverlapState)
+from isp_core.isp_communicator import ISPCommunicator, ISPOverlapState
+from isp_core.isp_scheduler import ISPCommunicatorSchedulerHook, ISPCommunicatorWrapper
 from isp_core.linear import ParallelLinearWithCommExt, WeightParallelLinear, WPCommunicator
 from isp_core.loss import vocab_parallel_cross_entropy
 from isp_core.memory_pool import ISPCommModelConfig, MemoryPool

@@ -31,7 +31,8 @@ from isp_core.collectives import all_reduce_
 from isp_core.data import MicroBatch
 from isp_core.head_embedding import (HEAD_MODES, EmbeddingWeightParallelCommunicator, GatheredHeadCommunicator,
                                      HeadLinear, HeadWeightParallelCommunicator, ParallelEmbedding)
-from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook
+from isp_core.isp_communicator import ISPCommunicator
+from isp_core.isp_scheduler import ISPCommunicatorSchedulerHook
 from isp_core.linear import WeightParallelLinear
 from isp_core.loss import vocab_parallel_cross_entropy
 from isp_core.memory_pool import ISPCommModelConfig, MemoryPool

@@ -1,6 +1,7 @@
 """ISPCommunicator: all-gather of block weights with prefetch, reduce-scatter of their gradients.
 (Longer than 300 lines because the prefetch schedule is one state machine: split, it would
-no longer read top to bottom. The gather units themselves live in isp_core.gather_unit.)
+no longer read top to bottom. The gather units live in isp_core.gather_unit, the scheduler
+hook and the wrapper of several communicators in isp_core.isp_scheduler.)
 
 The schedule moves gather units (isp_core.gather_unit): one per weight-parallel linear
 (`wp_unit="module"`, InternEvo) or one per block (`wp_unit="block"`, FSDP2-style). Each unit
@@ -32,7 +33,6 @@ needs it and reduce-scattered when its last gradient is in.
 
 from __future__ import annotations
 
-from collections import ChainMap
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -373,57 +373,3 @@ def _has_blocks(chunk: nn.Module) -> bool:
         return True
     except ValueError:
         return False
-
-
-class ISPCommunicatorSchedulerHook:
-    """Tells the communicator which phase runs and tidies up after each backward."""
-
-    def __init__(self, communicator: ISPCommunicator) -> None:
-        self._comm = communicator
-
-    def before_forward(self, chunk_id: int = 0) -> None:
-        self._comm.is_forward = True
-        self._comm.switch_current_model_chunk(chunk_id)
-
-    def before_backward(self, chunk_id: int = 0) -> None:
-        self._comm.is_forward = False
-        self._comm.switch_current_model_chunk(chunk_id)
-
-    def after_backward(self) -> None:
-        if self._comm._hooked:
-            self._comm.collect_reduce_scatter()
-            self._comm.check_idle()
-        if self._comm.enable_memory_pool:
-            self._comm.memory_pool.reset_lazy_pools()
-
-
-class ISPCommunicatorWrapper:
-    """Several communicators (InternEvo keeps one for dense and one for MoE layers) behind one face."""
-
-    def __init__(self, communicators: Optional[list[ISPCommunicator]] = None) -> None:
-        self.isp_communicators: list[ISPCommunicator] = list(communicators or [])
-
-    def set_communicator(self, communicator: ISPCommunicator) -> None:
-        self.isp_communicators.append(communicator)
-
-    @property
-    def reduce_scatter_handlers(self) -> ChainMap:
-        """Every communicator's outstanding reduce-scatters, looked up by parameter name."""
-        return ChainMap(*(c.reduce_scatter_handlers for c in self.isp_communicators))
-
-    @property
-    def enable_memory_pool(self) -> bool:
-        return any(c.enable_memory_pool for c in self.isp_communicators)
-
-    def register_prerequisite_for_forward_prefetch_hooks(self, prerequisite_func: Callable) -> None:
-        for communicator in self.isp_communicators:
-            communicator.register_prerequisite_for_forward_prefetch_hooks(prerequisite_func)
-
-    def collect_reduce_scatter(self) -> None:
-        for communicator in self.isp_communicators:
-            communicator.collect_reduce_scatter()
-
-    def reset_lazy_pools(self) -> None:
-        for communicator in self.isp_communicators:
-            if communicator.memory_pool is not None:
-                communicator.memory_pool.reset_lazy_pools()

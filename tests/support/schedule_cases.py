@@ -100,7 +100,8 @@ def chunks_and_prerequisites(rank: int, world_size: int) -> dict:
     Each chunk is a whole model here; the communicator must keep their schedules apart
     (switch_current_model_chunk) and call the prerequisite before every forward prefetch.
     """
-    from isp_core.isp_communicator import ISPCommunicator, ISPCommunicatorSchedulerHook
+    from isp_core.isp_communicator import ISPCommunicator
+    from isp_core.isp_scheduler import ISPCommunicatorSchedulerHook
     from isp_core.memory_pool import ISPCommModelConfig
 
     topo = ParallelTopology(world_size, sp=1, wp=world_size, rank=rank)
@@ -148,7 +149,7 @@ def chunk_reference(rank: int, world_size: int) -> list:
 
 def wrapper_case(rank: int, world_size: int) -> dict:
     """ISPCommunicatorWrapper: prerequisites reach every communicator; handlers are visible and collected."""
-    from isp_core.isp_communicator import ISPCommunicatorWrapper
+    from isp_core.isp_scheduler import ISPCommunicatorWrapper
 
     topo = ParallelTopology(world_size, sp=1, wp=world_size, rank=rank)
     cfg = LlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64, mlp_hidden=48)

@@ -229,7 +229,7 @@ def communicators_take_process_groups(rank: int, world_size: int) -> dict:
             isp.communicator = ISPCommunicator(isp.model, ISPCommModelConfig(), overlap=True, process_group=pg)
             isp.model.output.communicator = isp.head_communicator = HeadWeightParallelCommunicator(pg, None)
             EmbeddingWeightParallelCommunicator(pg).register_module_hook(isp.model.tok_embeddings)
-            from isp_core.isp_communicator import ISPCommunicatorSchedulerHook
+            from isp_core.isp_scheduler import ISPCommunicatorSchedulerHook
             isp.scheduler = ISPCommunicatorSchedulerHook(isp.communicator)
         trainer = ISPTrainer(isp)
         trainer.forward_backward(micro_batches(spec, 0, topo.dp, topo.dp_rank, 1, 0))

@@ -103,6 +103,8 @@ class RunConfig(Section):
                                      nullable=True)
     check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-process run in the same dtype; auto: "
                                               "whenever the reference fits the device, else the record says why")
+    canary: bool = _f(False, "bool", "a machine probe for `nightly`: judged first; when it moves, the other "
+                                     "cells' changes that night are labelled machine changes, not code regressions")
 
 
 @dataclass(frozen=True)

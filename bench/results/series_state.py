@@ -15,10 +15,9 @@ So a regression nobody looked at stays in every later verdict until it is fixed 
 Exact series (a CUDA allocator peak, counted bytes) walk every change of value, with no
 minimum effect.
 
-Stragglers: a night whose record names a straggler rank says nothing about the code. A
-regression that is no longer there when the series is walked again without those nights is
-straggler-only (for instance two nights in a row with a slow GPU); one that survives it is
-not, whatever else those nights had.
+Stragglers: a night whose record names a straggler rank says nothing about the code. The
+code's regressions are those of the series walked without those nights; a regression that only
+the whole series has is straggler-only (for instance two nights in a row with a slow GPU).
 
 Pure functions of the values: the nightly feeds them from the history DB, and
 bench/results/gate_accuracy.py from simulated nights, so both judge by the same rule.
@@ -112,16 +111,19 @@ def judge_values(values: Sequence[float], detector: DetectorSettings, recent: in
                  stragglers: Sequence[bool] | None = None) -> SeriesState:
     """The state of a series (oldest night first, tonight last).
 
-    `stragglers[i]`: night i's record named a straggler rank. Open regressions that the walk
-    without those nights does not find (within MATCH_NIGHTS of their start) are straggler-only.
+    `stragglers[i]`: night i's record named a straggler rank. Those nights are no evidence about
+    the code, so the code's regressions come from the series without them (their `start` given
+    as an index of the whole series); what the whole series adds, away from those by more
+    than MATCH_NIGHTS, is open too, marked straggler-only.
     """
-    state = _state(values, detector, recent, higher_is_better, exact, acks)
-    if not state.open or not stragglers or not any(stragglers):
-        return state
+    whole = _state(values, detector, recent, higher_is_better, exact, acks)
+    if not stragglers or not any(stragglers):
+        return whole
     keep = [i for i, flagged in enumerate(stragglers) if not flagged]
     clean_acks = [(sum(1 for k in keep if k <= index) - 1, level) for index, level in acks]
     clean = _state([values[i] for i in keep], detector, recent, higher_is_better, exact, clean_acks)
-    starts = [keep[o.start] for o in clean.open]  # as indices of the whole series
-    marked = tuple(replace(o, straggler_only=not any(abs(s - o.start) <= MATCH_NIGHTS for s in starts))
-                   for o in state.open)
-    return replace(state, open=marked)
+    code = [replace(o, start=keep[o.start]) for o in clean.open]
+    extra = [replace(o, straggler_only=True) for o in whole.open
+             if not any(abs(c.start - o.start) <= MATCH_NIGHTS for c in code)]
+    shown = replace(clean.improvement, start=keep[clean.improvement.start]) if clean.improvement else None
+    return SeriesState(whole.level, tuple(sorted(code + extra, key=lambda o: o.start)), shown, bool(acks))

@@ -90,6 +90,8 @@ class ParallelConfig(Section):
 class RunConfig(Section):
     NAME: ClassVar[str] = "run"
     kind: str = _f("training", "str", "what the cell runs: training steps or collective sweeps", choices=KINDS)
+    canary: bool = _f(False, "bool", "a machine probe for `nightly`: judged first; when it moves, the other "
+                                     "cells' changes that night are labelled machine changes, not code regressions")
     device: str = _f("cpu", "str", "where ranks compute", choices=DEVICES)
     backend: str = _f("gloo", "str", "torch.distributed backend", choices=BACKENDS)
     dtype: str = _f("float32", "str", "compute dtype (bfloat16: fp32 masters; float16: collectives only)", choices=DTYPES)
@@ -103,8 +105,6 @@ class RunConfig(Section):
                                      nullable=True)
     check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-process run in the same dtype; auto: "
                                               "whenever the reference fits the device, else the record says why")
-    canary: bool = _f(False, "bool", "a machine probe for `nightly`: judged first; when it moves, the other "
-                                     "cells' changes that night are labelled machine changes, not code regressions")
 
 
 @dataclass(frozen=True)

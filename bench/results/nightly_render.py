@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.results.nightly import EXIT_BAD_INPUT, NightlyResult, SeriesVerdict
-from bench.results.nightly_series import describe_stragglers
+from bench.results.straggler_line import slowest_rank_line
 from bench.results.verdict import METRICS_BY_NAME
 
 MEANING = {0: "nothing regressed", 1: "regression", EXIT_BAD_INPUT: "bad input",
@@ -48,18 +48,6 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def slowest_rank_line(straggler: dict[str, Any]) -> str:
-    """'rank 5 (node 0), 12.3% behind the median rank (compute_s); stragglers: rank 5 (node 0)' from
-    a record's metrics.straggler (shared schema; i19a's summary.md shows the same figure)."""
-    slowest = straggler.get("slowest") or {}
-    if not slowest:
-        return "-"
-    text = (f"rank {slowest.get('rank')} (node {slowest.get('node')}), {float(slowest.get('lag_pct') or 0):.1f}% "
-            f"behind the median rank ({straggler.get('figure', 'compute_s')})")
-    named = describe_stragglers(straggler)
-    return f"{text}; {named}" if named else text
-
-
 def _section(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
     return [f"## {title}", "", *_md_table(head, rows), ""] if rows else []
 
@@ -85,8 +73,9 @@ def _cell_sections(result: NightlyResult) -> list[str]:
     young = [v for v in result.verdicts if v.status == "too little history"]
     lines += _section("Not judged: too little history", ["cell", "metric", "earlier runs"],
                       [[v.cell, v.metric, v.note if v.check == "loss curve" else str(v.earlier_runs)] for v in young])
-    lines += _section("Slowest rank", ["cell", "slowest rank"],
-                      [[c, slowest_rank_line(s)] for c, s in result.stragglers.items()])
+    lines += _section("Slowest rank (compute time against the median rank's)", ["cell", "slowest rank", "threshold"],
+                      [[c, slowest_rank_line({"straggler": s}) or "-", f"{s.get('threshold_pct', '-')}%"]
+                       for c, s in result.stragglers.items()])
     return lines
 
 

@@ -146,6 +146,17 @@ class _Series:
             return None
         return ChangePoint(k, before, after, rel, p)
 
+    def earliest_start(self, a: int, fresh: ChangePoint) -> ChangePoint:
+        """Tonight's split is tested at a fixed place (the last `min_tail` nights); the change may
+        have started earlier: move it back over the nights nearer the new level than the old,
+        as long as the split still holds, so the report names the first night at the new level."""
+        lo = statistics.median(self.y[a:fresh.index])
+        hi = _level(self.y, fresh.index, self.n, lo)
+        k = fresh.index
+        while k - 1 - a >= self.s.min_segment and abs(self.y[k - 1] - hi) < abs(self.y[k - 1] - lo):
+            k -= 1
+        return fresh if k == fresh.index else (self.test(a, k, self.n, 1) or fresh)
+
     def best_split(self, a: int, b: int) -> ChangePoint | None:
         ks = _candidates(a, b, self.n, self.s)
         if not ks:
@@ -201,7 +212,7 @@ def _with_tonight(values: Sequence[float], s: DetectorSettings) -> tuple[list[Ch
     older = [p for p in points if p.index < k]
     a = older[-1].index if older else 0
     fresh = series.test(a, k, series.n, 1) if k - a >= s.min_segment else None
-    return points, fresh
+    return points, (fresh if fresh is None else series.earliest_start(a, fresh))
 
 
 def change_points(values: Sequence[float], settings: DetectorSettings | None = None) -> list[ChangePoint]:

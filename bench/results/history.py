@@ -247,9 +247,3 @@ def cell_devices(db: DbLike, config_name: str) -> dict[str, str]:
             "AND s.device IS NOT NULL ORDER BY r.utc, r.id", (config_name,)
         ).fetchall()
     return dict(rows)
-
-
-def ok_before(db: DbLike, cell: str, config_name: str, run_path: Path | str, before_utc: str | None) -> bool:
-    """Whether an earlier run of the configuration has this cell ok (metrics recorded)."""
-    return bool(history_points(db, cell, "step_time_s", 1, before_utc=before_utc, config_name=config_name,
-                               exclude_path=run_path))

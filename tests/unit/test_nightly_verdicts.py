@@ -53,6 +53,26 @@ def test_interrupted_or_missing_cells_exit_3_never_1(tmp_path: Path) -> None:
     assert "## Missing cells" in (runs[7] / "nightly.md").read_text()
 
 
+def _slower(cell: str, factor: float):  # type: ignore[no-untyped-def]
+    def edit(record: dict[str, Any]) -> None:
+        if record["cell"] == cell and record["status"] == "ok":
+            samples = [s * factor for s in record["metrics"]["step_time_s"]["samples"]]
+            record["metrics"] = make_record(record["run"], cell, samples)["metrics"]
+    return edit
+
+
+def test_an_open_regression_stays_open_on_a_night_its_cell_is_interrupted(tmp_path: Path) -> None:
+    runs, db = write_nights(tmp_path, [1.0] * 11), tmp_path / "h.sqlite"
+    for run in runs[7:]:
+        edit_records(run, _slower(CELL, 1.2))
+    edit_records(runs[10], lambda r: r.update(status="interrupted", metrics=None) if r["cell"] == CELL else None)
+    record(db, runs[:10])
+    doc = judge(runs[10], db)  # nothing tonight fixed it: still red, and the cell is listed as interrupted
+    assert doc["exit_code"] == 1 and doc["interrupted_cells"] == [CELL]
+    mine = step_verdicts(doc)[CELL]
+    assert mine["value"] is None and mine["note"].startswith(f"not measured tonight; open since {runs[7].name}")
+
+
 def test_open_regression_stays_red_until_acknowledged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs, db = write_nights(tmp_path, [1.0] * 8 + [1.15] * 9 + [1.32] * 2), tmp_path / "h.sqlite"
     record(db, runs[:15])
@@ -151,6 +171,8 @@ def test_a_straggler_night_is_labelled_not_a_code_regression(tmp_path: Path) -> 
     md = (runs[9] / "nightly.md").read_text()
     assert "## Straggler nights" in md
     assert "| ws4_overlap-on | rank 5 (node 0) +19.5% straggler | 5.0% |" in md  # i19a's slowest-rank line
+    (labelled,) = [o for o in open_regressions(db, "nightly") if o.metric == "step_time_s"]  # from the DB alone
+    assert labelled.change.label == f"straggler rank 5 (node 0), lag 19.5% on {runs[9].name}"
     for run in runs[8:]:  # the same slowdown with no straggler named: the code
         edit_records(run, lambda r: r["metrics"]["straggler"].update(stragglers=[]) if r["cell"] == "ws4_overlap-on" else None)
         history.record_run(db, run)

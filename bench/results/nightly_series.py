@@ -137,13 +137,16 @@ class Context:
             self.acks.setdefault((ack.cell, ack.metric), []).append(ack)
         self.moves: dict[int, list[str]] = {}  # run id -> canary moves that started that night
         self.devices = cell_devices(db, config_name)
+        self._points: dict[tuple[str, str], list[HistoryPoint]] = {}
 
     def points(self, cell: str, metric: str) -> list[HistoryPoint]:
         """The series up to the judged night, oldest first (ending at it when it measured the cell)."""
-        points = history_points(self.db, cell, metric, config_name=self.config_name)
-        night = self.night
-        older = [p for p in reversed(points) if p.run_id != night.run_id and (p.utc or "") <= (night.utc or "")]
-        return [*older, *(p for p in points if p.run_id == night.run_id)]
+        if (cell, metric) not in self._points:  # the straggler counts serve every metric of a cell
+            points = history_points(self.db, cell, metric, config_name=self.config_name)
+            night = self.night
+            older = [p for p in reversed(points) if p.run_id != night.run_id and (p.utc or "") <= (night.utc or "")]
+            self._points[cell, metric] = [*older, *(p for p in points if p.run_id == night.run_id)]
+        return self._points[cell, metric]
 
     def add_canary(self, cell: str) -> None:
         """Every change point of a canary's main figure is a move of the machine on its start night."""

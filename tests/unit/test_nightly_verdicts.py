@@ -136,12 +136,14 @@ def test_a_canary_move_or_a_new_driver_labels_the_other_changes(tmp_path: Path) 
     md = (runs[9] / "nightly.md").read_text()
     assert "**Machine changed tonight:** canary ws4_overlap-off busbw -12%" in md and "## Regressions" not in md
 
-    env_of = {9: {"driver": "560.35.03"}, 10: {"driver": "560.35.03"}}  # no canary: env.json tells it
-    runs, db = write_nights(tmp_path / "driver", scales, env_of=env_of), tmp_path / "driver.sqlite"
+    # No canary: env.json tells it, a new driver and another second node from night 9 on.
+    moved = {"driver": "560.35.03", "nodes": [{"hostname": "node07"}, {"hostname": "node01"}]}
+    runs, db = write_nights(tmp_path / "driver", scales, env_of={9: moved, 10: moved}), tmp_path / "driver.sqlite"
     record(db, runs[:9])
     doc = judge(runs[9], db)
     assert doc["exit_code"] == 3 and doc["regressions"] == 0
-    assert {s["change"]["label"] for s in step_verdicts(doc).values()} == {"machine changed: driver 550.54 -> 560.35.03"}
+    assert {s["change"]["label"] for s in step_verdicts(doc).values()} == {
+        "machine changed: driver 550.54 -> 560.35.03; hostnames node01 -> node01,node07"}
 
 
 def _straggler(night: int, lag: float, slowed: bool):  # type: ignore[no-untyped-def]

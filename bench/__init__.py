@@ -11,7 +11,9 @@
                                             record), formulas, overlap, trace_figures, nccl_trace, roofline,
                                             loss_check, collectives_spec
     5. read and judge    bench/results/     records (writer and reader), torn, report, plots, compare, render,
-                                            verdict, history, changepoint, nightly, gate_accuracy
+                                            verdict, history (+ history_rows, acks), changepoint, series_state
+                                            (open regressions), nightly_series (machine / straggler / code),
+                                            loss_nights, nightly, straggler_line, gate_rules, gate_accuracy
     what trains          bench/strategies/  registry of isp, fsdp2, ddp, ulysses: each a trainer and its
                                             communication formula
     before any run       bench/plan/        memory, communication and step time of any layout at any scale

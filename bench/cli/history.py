@@ -1,7 +1,8 @@
-"""`run_bench.py history list|record|detect|plot`: the SQLite history of runs (bench/results/history.py).
+"""`run_bench.py history list|record|detect|plot|ack|acks`: the SQLite history of runs (bench/results/history.py).
 
 `detect` lists the change points of every recorded series (bench/results/changepoint.py);
-`plot` marks them on the trend plots.
+`plot` marks them on the trend plots; `ack CELL METRIC --note TEXT` accepts the new level of
+open regressions (who, when and why go into the DB's acks table), `acks` lists them.
 """
 
 from __future__ import annotations
@@ -65,7 +66,47 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--config", help="only runs of this config name (cell ids can repeat across configs); "
                       "change points are marked only with it")
     plot.add_argument("--out", type=Path, required=True)
+    ack = sub.add_parser("ack", parents=[common], help="acknowledge open regressions: their level becomes the baseline")
+    ack.add_argument("cell", help="cell id (a shell pattern such as '*' matches several)")
+    ack.add_argument("metric", help="metric (step_time_s, loss, ...; a pattern too)")
+    ack.add_argument("--note", required=True, help="why: kept with who and when")
+    ack.add_argument("--config", help="config name, when the cell is recorded under several")
+    ack.add_argument("--by", help="who (default $USER)")
+    listing = sub.add_parser("acks", parents=[common], help="list acknowledgements")
+    listing.add_argument("--config")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
     return parser
+
+
+def _ack(args: argparse.Namespace) -> int:
+    from bench.results.nightly import AckError, acknowledge
+
+    if not args.note.strip():
+        print("history ack: --note must say why", file=sys.stderr)
+        return 2
+    try:
+        made = acknowledge(args.db, args.cell, args.metric, args.note, args.config, args.by)
+    except AckError as exc:
+        print(f"history ack: {exc}", file=sys.stderr)
+        return 2
+    for a in made:
+        print(f"acknowledged {a.config_name} {a.cell} {a.metric} at run {a.run_name} by {a.by}: "
+              f"{a.before:.6g} -> {a.level:.6g} is the baseline now ({a.note})")
+    return 0
+
+
+def _print_acks(db: Path, config: str | None, fmt: str) -> None:
+    from tabulate import tabulate
+
+    from bench.results.acks import acks
+
+    found = acks(db, config_name=config)
+    if fmt == "json":
+        print(json.dumps([a.to_json() for a in found], indent=1))
+        return
+    rows = [[a.utc, a.by, a.config_name, a.cell, a.metric, a.run_name, f"{a.level:.6g}", a.note] for a in found]
+    print(tabulate(rows, headers=["when", "by", "config", "cell", "metric", "at run", "level", "why"],
+                   disable_numparse=True) if rows else "no acknowledgements")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
             found = detect_all(args.db, detector_settings(args))
             print(json.dumps(found, indent=1) if args.format == "json" else render_detect_table(found))
+        elif args.action == "ack":
+            return _ack(args)
+        elif args.action == "acks":
+            _print_acks(args.db, args.config, args.format)
         elif args.action == "plot":
             paths = _plot(args.db, args.out, args.cell, args.metric, args.config, detector_settings(args))
             print("\n".join(str(p) for p in paths) if paths else "nothing to plot")

@@ -1,8 +1,10 @@
 """`run_bench.py nightly`: run a sweep (or take a finished run), record it, judge it against history.
 
 Writes nightly.md and nightly.json into the run folder and prints one of them.
-Exit codes: 0 nothing regressed, 1 a regression, 2 bad input, 3 some series has fewer than
-K earlier runs (and nothing regressed). See docs/compare.md.
+Exit codes: 0 nothing regressed and everything judged, 1 a code regression (open until fixed
+or acknowledged with `history ack`), 2 bad input, 3 no code regression but the night is not
+judged complete (too little history, interrupted or missing cells, a change the machine or a
+straggler explains). See docs/compare.md.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-history", type=_positive, default=s.min_history, metavar="K",
                    help=f"earlier runs a series needs to be judged; fewer exits 3 (default {s.min_history})")
     p.add_argument("--recent", type=_positive, default=s.recent, metavar="N",
-                   help=f"a change point fails the nightly for N runs from its start (default {s.recent})")
+                   help=f"an improvement is shown for N runs from its start (default {s.recent}); "
+                        "a regression stays open until fixed or acknowledged")
     add_detector_options(p)
     sweep = p.add_argument_group("sweep options (as for run_bench.py CONFIG)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

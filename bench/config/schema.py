@@ -90,6 +90,8 @@ class ParallelConfig(Section):
 class RunConfig(Section):
     NAME: ClassVar[str] = "run"
     kind: str = _f("training", "str", "what the cell runs: training steps or collective sweeps", choices=KINDS)
+    canary: bool = _f(False, "bool", "a machine probe for `nightly`: judged first; when it moves, the other "
+                                     "cells' changes that night are labelled machine changes, not code regressions")
     device: str = _f("cpu", "str", "where ranks compute", choices=DEVICES)
     backend: str = _f("gloo", "str", "torch.distributed backend", choices=BACKENDS)
     dtype: str = _f("float32", "str", "compute dtype (bfloat16: fp32 masters; float16: collectives only)", choices=DTYPES)

@@ -146,6 +146,17 @@ class _Series:
             return None
         return ChangePoint(k, before, after, rel, p)
 
+    def earliest_start(self, a: int, fresh: ChangePoint) -> ChangePoint:
+        """Tonight's split is tested at a fixed place (the last `min_tail` nights); the change may
+        have started earlier: move it back over the nights nearer the new level than the old,
+        as long as the split still holds, so the report names the first night at the new level."""
+        lo = statistics.median(self.y[a:fresh.index])
+        hi = _level(self.y, fresh.index, self.n, lo)
+        k = fresh.index
+        while k - 1 - a >= self.s.min_segment and abs(self.y[k - 1] - hi) < abs(self.y[k - 1] - lo):
+            k -= 1
+        return fresh if k == fresh.index else (self.test(a, k, self.n, 1) or fresh)
+
     def best_split(self, a: int, b: int) -> ChangePoint | None:
         ks = _candidates(a, b, self.n, self.s)
         if not ks:
@@ -191,26 +202,44 @@ def evaluate_splits(values: Sequence[float], points: Sequence[int], settings: De
     return series.prune(sorted(k for k in set(points) if 0 < k < series.n))
 
 
-def latest_change(values: Sequence[float], settings: DetectorSettings | None = None, recent: int = 3
-                  ) -> ChangePoint | None:
-    """A change point that started within the last `recent` values, else None.
-
-    A nightly is judged by this. Tonight's question is whether the newest nights that can
-    confirm a change (`min_tail` of them) have left the level since the last older change
-    point: one split, tested on its own (no Bonferroni factor), so a step is caught on its
-    second night. A change already established by binary segmentation over the whole
-    series stays news while it started within the last `recent` values; older ones stay
-    listed by `history detect` but no longer fail every nightly.
-    """
-    s = settings or DetectorSettings()
+def _with_tonight(values: Sequence[float], s: DetectorSettings) -> tuple[list[ChangePoint], ChangePoint | None]:
+    """(the change points of binary segmentation, tonight's fresh change or None)."""
     series = _Series(values, s)
     if series.n < 2:
-        return None
+        return [], None
     points = series.prune(series.segment(0, series.n))
     k = series.n - s.min_tail
     older = [p for p in points if p.index < k]
     a = older[-1].index if older else 0
     fresh = series.test(a, k, series.n, 1) if k - a >= s.min_segment else None
+    return points, (fresh if fresh is None else series.earliest_start(a, fresh))
+
+
+def change_points(values: Sequence[float], settings: DetectorSettings | None = None) -> list[ChangePoint]:
+    """Every change point of a series, oldest first, tonight's question answered at the end.
+
+    The older points come from binary segmentation over the whole series. Tonight's question
+    is whether the newest nights that can confirm a change (`min_tail` of them) have left the
+    level since the last older change point: one split, tested on its own (no Bonferroni
+    factor), so a step is caught on its second night. Each point's `after` is the level of
+    the segment it starts, so walking the list gives the series' level night by night.
+    """
+    s = settings or DetectorSettings()
+    points, fresh = _with_tonight(values, s)
+    if fresh is None:
+        return points
+    return [*(p for p in points if p.index < fresh.index), fresh]
+
+
+def latest_change(values: Sequence[float], settings: DetectorSettings | None = None, recent: int = 3
+                  ) -> ChangePoint | None:
+    """Tonight's fresh change, else a change point that started within the last `recent` values.
+
+    A change established by binary segmentation over the whole series stays news while it
+    started within the last `recent` values; older ones stay listed by `history detect`.
+    (The nightly keeps a regression open beyond that: bench/results/series_state.py.)
+    """
+    points, fresh = _with_tonight(values, settings or DetectorSettings())
     if fresh is not None:
         return fresh
-    return points[-1] if points and points[-1].index >= series.n - recent else None
+    return points[-1] if points and points[-1].index >= len(values) - recent else None

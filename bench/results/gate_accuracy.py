@@ -10,11 +10,17 @@ the spread inside a run and the drift between runs of this machine. Each history
 its nights from that pool (each night as measured: resampling its steps would add the
 within-run noise a second time), multiplies them by a base step time and, from a known night on, by 1 + shift.
 
-Every gate is asked each night, from the K-th on, "is tonight a regression?", knowing
-only the nights up to tonight, as a nightly job would. Reported per gate: detection rate
-per shift (a red night on or after the shift, within the nights simulated), the share
-caught within 2 nights (the first shifted night counts as 1), the median delay, and
-red nights per 100 noise-only nights.
+A cluster adds two kinds of night (drawn from their own random stream, so with both rates at
+0 the histories are the same as without them): a night with a straggler rank (1 in 10 by
+default: the step time is up by a lag drawn uniformly from 5% to 25% and the record names
+the straggler) and a preempted night (1 in 10: the cell is interrupted, there is no value).
+
+Every gate (bench/results/gate_rules.py) is asked each night, from the K-th on, what it says
+tonight, knowing only the nights up to tonight, as a nightly job would. Reported per gate:
+detection rate per shift (a red night on or after the shift, within the nights simulated), the
+share caught within 2 nights (the first shifted night counts as 1), within 2 clean nights
+(nights neither preempted nor with a straggler), the median delay, red nights per 100
+noise-only nights (false alarms) and straggler-labelled nights per 100.
 """
 
 from __future__ import annotations
@@ -23,25 +29,16 @@ import argparse
 import json
 import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.results.changepoint import DetectorSettings
+from bench.results.gate_rules import (RED, STRAGGLER, Gate, Night, changepoint_gate, history_gate,  # noqa: F401
+                                      nightly_gate, pairwise_gate, pelt_gate)
 from bench.results.records import load_run, metric_samples, metric_value
-from bench.results.changepoint import DetectorSettings, evaluate_splits, latest_change
-from bench.results.verdict import METRICS_BY_NAME, judge
 
 SHIFTS = (0.03, 0.05, 0.10, 0.20)
-STEP = METRICS_BY_NAME["step_time_s"]
-
-
-@dataclass(frozen=True)
-class Night:
-    value: float  # the night's median step time, as the worker records it
-    samples: tuple[float, ...]
-
-
-Gate = Callable[[Sequence[Night]], bool]  # nights up to tonight -> red tonight
 
 
 def noise_pool(run_dirs: Sequence[Path | str]) -> list[list[float]]:
@@ -66,74 +63,6 @@ def scaled(pool: Sequence[list[float]], factor: float) -> list[list[float]]:
     return [[1.0 + factor * (v - 1.0) for v in atom] for atom in pool]
 
 
-def make_history(pool: Sequence[list[float]], rng: random.Random, nights: int, shift: float = 0.0,
-                 start: int | None = None, base: float = 0.1) -> list[Night]:
-    out = []
-    for i in range(nights):
-        atom = rng.choice(pool)
-        scale = base * (1.0 + shift if start is not None and i >= start else 1.0)
-        steps = tuple(scale * v for v in atom)  # a real night as measured, not resampled
-        out.append(Night(statistics.median(steps), steps))
-    return out
-
-
-def changepoint_gate(settings: DetectorSettings, recent: int) -> Gate:
-    def red(nights: Sequence[Night]) -> bool:
-        cp = latest_change([n.value for n in nights], settings, recent)
-        return cp is not None and cp.rel_change > 0
-    return red
-
-
-def pelt_gate(settings: DetectorSettings, recent: int, beta: float) -> Gate:
-    """ruptures' PELT places the splits (l2 cost on log values, penalty beta * sigma^2 * log n);
-    the same size, p and effect tests as our own detector then keep or drop them."""
-    import math
-
-    import numpy as np
-    import ruptures
-
-    from bench.results.changepoint import noise_sigma
-
-    def red(nights: Sequence[Night]) -> bool:
-        y = np.log([n.value for n in nights]).reshape(-1, 1)
-        sigma = noise_sigma(y[:, 0].tolist())
-        ends = ruptures.Pelt(model="l2", min_size=1, jump=1).fit(y).predict(pen=beta * sigma**2 * math.log(len(y)))
-        points = evaluate_splits([n.value for n in nights], ends[:-1], settings)
-        return bool(points) and points[-1].index >= len(nights) - recent and points[-1].rel_change > 0
-    return red
-
-
-def pairwise_gate(alpha: float = 0.05) -> Gate:
-    """Today's `compare LAST_NIGHT TONIGHT`: 5% and Mann-Whitney p < alpha on the step samples."""
-    def red(nights: Sequence[Night]) -> bool:
-        b, n = nights[-2], nights[-1]
-        return judge(STEP, b.value, n.value, list(b.samples), list(n.samples), alpha).regressed
-    return red
-
-
-def history_gate(n_runs: int = 7, alpha: float = 0.05) -> Gate:
-    """Today's `compare --against-history N`: median of the last N nights, their samples pooled."""
-    def red(nights: Sequence[Night]) -> bool:
-        past, new = nights[-1 - n_runs:-1], nights[-1]
-        base = statistics.median(p.value for p in past)
-        pooled = [s for p in past for s in p.samples]
-        return judge(STEP, base, new.value, pooled, list(new.samples), alpha).regressed
-    return red
-
-
-@dataclass
-class Score:
-    caught: dict[float, int] = field(default_factory=dict)
-    within2: dict[float, int] = field(default_factory=dict)
-    delays: dict[float, list[int]] = field(default_factory=dict)
-    trials: dict[float, int] = field(default_factory=dict)
-    noise_nights: int = 0
-    noise_red: int = 0
-
-    def false_per_100(self) -> float:
-        return 100.0 * self.noise_red / self.noise_nights if self.noise_nights else float("nan")
-
-
 @dataclass(frozen=True)
 class Plan:
     series: int = 200  # histories per shift size, and noise-only histories
@@ -143,32 +72,83 @@ class Plan:
     first_shift: int = 10
     last_shift: int = 30
     seed: int = 0
+    straggler_rate: float = 0.1  # nights with a straggler rank
+    preempt_rate: float = 0.1  # nights the cell is interrupted
+    lag: tuple[float, float] = (0.05, 0.25)  # a straggler night's step time is up by U(lag)
+
+
+def make_history(pool: Sequence[list[float]], rng: random.Random, nights: int, shift: float = 0.0,
+                 start: int | None = None, base: float = 0.1, events: random.Random | None = None,
+                 plan: Plan = Plan()) -> list[Night]:
+    out = []
+    for i in range(nights):
+        atom = rng.choice(pool)
+        scale = base * (1.0 + shift if start is not None and i >= start else 1.0)
+        preempted = events is not None and events.random() < plan.preempt_rate
+        straggler = events is not None and not preempted and events.random() < plan.straggler_rate
+        if straggler:
+            scale *= 1.0 + events.uniform(*plan.lag)  # type: ignore[union-attr]
+        steps = tuple(scale * v for v in atom)  # a real night as measured, not resampled
+        out.append(Night(statistics.median(steps), steps, straggler, preempted))
+    return out
+
+
+@dataclass
+class Score:
+    caught: dict[float, int] = field(default_factory=dict)
+    within2: dict[float, int] = field(default_factory=dict)  # by the second night from the shift on
+    within2_clean: dict[float, int] = field(default_factory=dict)  # by the second clean night
+    delays: dict[float, list[int]] = field(default_factory=dict)
+    trials: dict[float, int] = field(default_factory=dict)
+    noise_nights: int = 0
+    noise_red: int = 0
+    noise_straggler: int = 0
+
+    def false_per_100(self) -> float:
+        return 100.0 * self.noise_red / self.noise_nights if self.noise_nights else float("nan")
+
+    def add(self, counts: dict[float, int], shift: float, n: int = 1) -> None:
+        counts[shift] = counts.get(shift, 0) + n
+
+
+def _delay(gate: Gate, nights: list[Night], start: int) -> tuple[int, int] | None:
+    """(nights, clean nights) from the shift to the first red night, both counting it; None: never."""
+    clean = 0
+    for t in range(start, len(nights)):
+        clean += not (nights[t].preempted or nights[t].straggler)
+        if gate(nights[: t + 1]) == RED:
+            return t - start + 1, clean
+    return None
 
 
 def score(gate: Gate, pool: Sequence[list[float]], plan: Plan) -> Score:
     """Same seed, same histories for every gate: differences are the gates', not the draws'."""
-    rng, result = random.Random(plan.seed), Score()
+    rng, events, result = random.Random(plan.seed), random.Random(plan.seed + 1), Score()
     for _ in range(plan.series):
-        nights = make_history(pool, rng, plan.nights)
+        nights = make_history(pool, rng, plan.nights, events=events, plan=plan)
         for t in range(plan.min_history, plan.nights):
+            said = gate(nights[: t + 1])
             result.noise_nights += 1
-            result.noise_red += gate(nights[: t + 1])
+            result.noise_red += said == RED
+            result.noise_straggler += said == STRAGGLER
     for shift in SHIFTS:
         for _ in range(plan.series):
             start = rng.randint(plan.first_shift, plan.last_shift)
-            nights = make_history(pool, rng, start + plan.after, shift, start)
-            delay = next((t - start + 1 for t in range(start, len(nights)) if gate(nights[: t + 1])), None)
-            result.trials[shift] = result.trials.get(shift, 0) + 1
-            if delay is not None:
-                result.caught[shift] = result.caught.get(shift, 0) + 1
-                result.within2[shift] = result.within2.get(shift, 0) + (delay <= 2)
-                result.delays.setdefault(shift, []).append(delay)
+            nights = make_history(pool, rng, start + plan.after, shift, start, events=events, plan=plan)
+            found = _delay(gate, nights, start)
+            result.add(result.trials, shift)
+            if found is not None:
+                result.add(result.caught, shift)
+                result.add(result.within2, shift, found[0] <= 2)
+                result.add(result.within2_clean, shift, found[1] <= 2)
+                result.delays.setdefault(shift, []).append(found[0])
     return result
 
 
 def default_gates(recent: int = 3, with_pelt: bool = True) -> dict[str, Gate]:
     gates = {
-        "change points (ours)": changepoint_gate(DetectorSettings(), recent),
+        "nightly (ours: open regressions, stragglers left out)": nightly_gate(DetectorSettings(), recent),
+        "change points, news for 3 nights (previous nightly)": changepoint_gate(DetectorSettings(), recent),
         "compare (pairwise, last night)": pairwise_gate(),
         "compare --against-history 7": history_gate(7),
     }
@@ -189,15 +169,18 @@ def night_spread(pool: Sequence[list[float]]) -> float:
 
 
 def table(results: dict[str, Score], plan: Plan) -> str:
-    head = ["gate", *(f"{s:.0%} caught / in 2 / delay" for s in SHIFTS), "false alarms /100 nights"]
+    head = ["gate", *(f"{s:.0%} caught / in 2 / in 2 clean / delay" for s in SHIFTS), "false alarms /100 nights",
+            "straggler-labelled /100"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in results.items():
         cells = [name]
         for s in SHIFTS:
             n = r.trials.get(s, 0) or 1
             delay = statistics.median(r.delays[s]) if r.delays.get(s) else float("nan")
-            cells.append(f"{r.caught.get(s, 0) / n:.0%} / {r.within2.get(s, 0) / n:.0%} / {delay:.0f}")
+            cells.append(f"{r.caught.get(s, 0) / n:.0%} / {r.within2.get(s, 0) / n:.0%} / "
+                         f"{r.within2_clean.get(s, 0) / n:.0%} / {delay:.0f}")
         cells.append(f"{r.false_per_100():.2f} ({r.noise_red}/{r.noise_nights})")
+        cells.append(f"{100.0 * r.noise_straggler / (r.noise_nights or 1):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -213,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-scale", type=float, nargs="+", default=[1.0],
                         help="one table per factor on each night's deviation from its level (below 1: a quieter machine)")
     parser.add_argument("--recent", type=int, default=3, help="a change point is news for this many nights")
+    parser.add_argument("--stragglers", type=float, default=Plan.straggler_rate, metavar="RATE",
+                        help=f"share of nights with a straggler rank (default {Plan.straggler_rate:g})")
+    parser.add_argument("--preempted", type=float, default=Plan.preempt_rate, metavar="RATE",
+                        help=f"share of nights the cell is interrupted (default {Plan.preempt_rate:g})")
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.pool):
         parser.error("give RUN_DIRs or --pool FILE")
@@ -220,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_pool:
         names = [p.name for p in args.runs]
         args.save_pool.write_text(json.dumps({"runs": names, "pool": real}) + "\n")
-    plan = Plan(series=args.series, seed=args.seed)
+    plan = Plan(series=args.series, seed=args.seed, straggler_rate=args.stragglers, preempt_rate=args.preempted)
     print(f"{len(real)} real (run, cell) nights, {plan.series} histories per row, K = {plan.min_history}, "
-          f"a change is news for {args.recent} nights")
+          f"a change is news for {args.recent} nights (previous rule); {plan.straggler_rate:.0%} of nights with a "
+          f"straggler (+{plan.lag[0]:.0%} to +{plan.lag[1]:.0%}), {plan.preempt_rate:.0%} preempted")
     for factor in args.noise_scale:
         pool = scaled(real, factor)
         results = {name: score(gate, pool, plan) for name, gate in default_gates(args.recent).items()}

@@ -2,7 +2,9 @@
 
 One row per run folder (keyed by its resolved path, so recording again after a
 resume replaces rather than duplicates) and one row per (run, cell, metric) with
-the value and, where the metric has them, its per-step samples as JSON.
+the value and, where the metric has them, its per-step samples as JSON (the loss curve
+is the `loss` row's samples). `acks` keeps who accepted a series' new level, when and
+why (bench/results/acks.py). A DB written by a newer version is refused, never rewritten.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.results.records import Run, flatten, load_run, metric_samples, metric_value
-from bench.results.verdict import METRICS
+from bench.results.history_rows import (LOSS, LOSS_KEYS, MATCHES_FORMULA, STRAGGLERS, cell_rows, hostnames,  # noqa: F401
+                                        loss_key, status_row, text)
+from bench.results.records import load_run
 
 DEFAULT_DB = Path("results/history.sqlite")
-MATCHES_FORMULA = "comm.matches_prediction"  # 1.0 when the counted bytes equal the formula, else 0.0
 DbLike = str | Path | sqlite3.Connection
 
 _SCHEMA = """
@@ -52,13 +54,41 @@ CREATE TABLE IF NOT EXISTS cell_status (
     device TEXT,
     PRIMARY KEY (run_id, cell)
 );
+CREATE TABLE IF NOT EXISTS acks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_name TEXT NOT NULL,
+    cell TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    level REAL NOT NULL,
+    before REAL,
+    run_id INTEGER REFERENCES runs(id),
+    run_name TEXT,
+    run_utc TEXT,
+    by TEXT NOT NULL,
+    utc TEXT NOT NULL,
+    note TEXT NOT NULL
+);
 """
 # Columns added after the first release, so a change point can be laid beside what changed
 # that night; connect() adds them to an older DB (their values stay NULL for old runs).
 ADDED_RUN_COLUMNS = ("cuda", "nccl", "gpu_count", "nnodes")
+HOSTNAMES = "hostnames"  # every node's hostname, sorted, comma-separated (env.json's nodes, else hostname)
 RUN_COLUMNS = ("id", "name", "path", "utc", "git_commit", "hostname", "torch", "gpu", "driver", "config_name",
-               *ADDED_RUN_COLUMNS)
-SCHEMA_VERSION = 2  # PRAGMA user_version: 0/1 the first schema, 2 with ADDED_RUN_COLUMNS and cell_status
+               *ADDED_RUN_COLUMNS, HOSTNAMES)
+# loss_key: what fixes a cell's loss curve (LOSS_KEYS, as JSON); canary: run.canary (1/0).
+ADDED_COLUMNS = {"runs": (*ADDED_RUN_COLUMNS, HOSTNAMES), "cell_status": ("loss_key", "canary")}
+# PRAGMA user_version: 0/1 the first schema, 2 with ADDED_RUN_COLUMNS and cell_status, 3 with acks,
+# hostnames, loss_key and canary.
+SCHEMA_VERSION = 3
+
+
+class HistoryTooNew(sqlite3.DatabaseError):
+    """A DB written by a newer version of ISP Bench: refused for reading and writing, never downgraded."""
+
+    def __init__(self, found: int) -> None:
+        self.found = found
+        super().__init__(f"history schema version {found} is newer than this code's version {SCHEMA_VERSION}; "
+                         "refusing to read or write it (update ISP Bench, or pass another --db)")
 
 
 @contextmanager
@@ -71,6 +101,9 @@ def connect(db: DbLike) -> Iterator[sqlite3.Connection]:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
     try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:  # checked before anything is written: the file stays as it was
+            raise HistoryTooNew(found)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.executescript(_SCHEMA)
         _migrate(conn)
@@ -82,40 +115,12 @@ def connect(db: DbLike) -> Iterator[sqlite3.Connection]:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a DB written by an older version up to SCHEMA_VERSION, in place."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-    for column in ADDED_RUN_COLUMNS:
-        if column not in have:
-            conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def _text(value: Any) -> str | None:
-    # env.json may describe the GPU as a string or as a dict of details.
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
-
-
-def _cell_rows(run: Run) -> Iterator[tuple[str, str, float, str | None]]:
-    for cell, record in run.ok_records().items():
-        seen: set[str] = set()
-        for spec in METRICS:  # the compared metrics, with the samples the rank test needs
-            value = metric_value(record, spec.name)
-            if value is not None:
-                samples = metric_samples(record, spec.name)
-                seen.add(spec.name)
-                yield cell, spec.name, value, json.dumps(samples) if samples else None
-        for name, leaf in flatten(record.get("metrics")).items():  # every other number, for trends
-            if name not in seen and isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-                yield cell, name, float(leaf), None
-        matches = (record.get("metrics") or {}).get("comm", {}).get("matches_prediction")
-        if isinstance(matches, bool):  # bytes = formula, an exact check for the nightly: 1 or 0
-            yield cell, MATCHES_FORMULA, float(matches), None
-
-
-def _device(record: dict[str, Any]) -> str | None:
-    run_cfg = (record.get("config") or {}).get("run") or {}
-    return _text(run_cfg.get("device")) if isinstance(run_cfg, dict) else None
 
 
 def record_run(db: DbLike, run_dir: Path | str) -> int:
@@ -123,9 +128,9 @@ def record_run(db: DbLike, run_dir: Path | str) -> int:
     run = load_run(run_dir)
     env = run.env
     row = (
-        run.name, str(run.path.resolve()), run.utc, _text(env.get("git_commit")), _text(env.get("hostname")),
-        _text(env.get("torch")), _text(env.get("gpu")), _text(env.get("driver")), run.config_name,
-        *(_text(None if env.get(c) is None else str(env[c])) for c in ADDED_RUN_COLUMNS),
+        run.name, str(run.path.resolve()), run.utc, text(env.get("git_commit")), text(env.get("hostname")),
+        text(env.get("torch")), text(env.get("gpu")), text(env.get("driver")), run.config_name,
+        *(text(None if env.get(c) is None else str(env[c])) for c in ADDED_RUN_COLUMNS), hostnames(env),
     )
     with connect(db) as conn:
         old = conn.execute("SELECT id FROM runs WHERE path = ?", (row[1],)).fetchone()
@@ -139,12 +144,12 @@ def record_run(db: DbLike, run_dir: Path | str) -> int:
             conn.execute("DELETE FROM cell_metrics WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM cell_status WHERE run_id = ?", (run_id,))
         conn.executemany(
-            "INSERT INTO cell_status (run_id, cell, status, device) VALUES (?, ?, ?, ?)",
-            [(run_id, c, str(r.get("status")), _device(r)) for c, r in run.records.items()],
+            "INSERT INTO cell_status (run_id, cell, status, device, loss_key, canary) VALUES (?, ?, ?, ?, ?, ?)",
+            [status_row(run_id, c, r) for c, r in run.records.items()],
         )
         conn.executemany(
             "INSERT INTO cell_metrics (run_id, cell, metric, value, samples_json) VALUES (?, ?, ?, ?, ?)",
-            [(run_id, *r) for r in _cell_rows(run)],
+            [(run_id, *r) for r in cell_rows(run)],
         )
     return run_id
 
@@ -242,9 +247,3 @@ def cell_devices(db: DbLike, config_name: str) -> dict[str, str]:
             "AND s.device IS NOT NULL ORDER BY r.utc, r.id", (config_name,)
         ).fetchall()
     return dict(rows)
-
-
-def ok_before(db: DbLike, cell: str, config_name: str, run_path: Path | str, before_utc: str | None) -> bool:
-    """Whether an earlier run of the configuration has this cell ok (metrics recorded)."""
-    return bool(history_points(db, cell, "step_time_s", 1, before_utc=before_utc, config_name=config_name,
-                               exclude_path=run_path))

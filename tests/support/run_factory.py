@@ -6,6 +6,7 @@ import json
 import random
 import statistics
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 TOKENS_PER_STEP = 8 * 4096
@@ -48,6 +49,7 @@ def make_record(
         "step_time_s": steps,
         "tokens_per_s": TOKENS_PER_STEP / median,
         "loss": [10.4 - 0.1 * i for i in range(len(samples))],
+        "loss_rel_tol": 1e-4,  # float32's, as the one-process loss check records it
         "peak_memory_bytes": memory,
         "mfu": 0.41 * 0.25 / median,
         "tflops_per_rank": 400.0 * 0.25 / median,
@@ -99,13 +101,19 @@ def write_run(
     cells: list[str] | None = None,
     env: dict[str, Any] | None = None,
     samples: dict[str, list[float]] | None = None,
+    planned: list[str] | None = None,
     **record_kw: Any,
 ) -> Path:
-    """A run folder whose step times are the base times times `scale` (per cell if a dict)."""
+    """A run folder whose step times are the base times times `scale` (per cell if a dict).
+
+    cells.json lists `planned` (default: the cells written), as the runner writes it before any cell."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     lines = []
-    for i, cell in enumerate(cells or list(CELLS)):
+    written = cells or list(CELLS)
+    plan = [{"cell": c, "swept": {}, "config": {}} for c in (planned if planned is not None else written)]
+    (run_dir / "cells.json").write_text(json.dumps(plan) + "\n")
+    for i, cell in enumerate(written):
         factor = scale.get(cell, 1.0) if isinstance(scale, dict) else scale
         cell_samples = (samples or {}).get(cell) or jittered(CELLS[cell][2] * factor, jitter=jitter, seed=seed + i)
         lines.append(json.dumps(make_record(name, cell, cell_samples, **record_kw)))
@@ -114,3 +122,28 @@ def write_run(
     (run_dir / "config.yaml").write_text("name: nightly\nparallel:\n  world_size: [2, 4]\n")
     (run_dir / "summary.md").write_text(f"# {name}\n")
     return run_dir
+
+
+def write_nights(root: Path, scales: list[float], seed: int = 0, name: str = "nightly",
+                 env_of: dict[int, dict[str, Any]] | None = None, **run_kw: Any) -> list[Path]:
+    """One run folder per night, step times at scale * base, with 1% between-run drift; night d
+    (from 1) is stamped 2025-01-d (then February) and ran commit ddd... (its last digit, 40 times);
+    env_of[d] overrides night d's env.json entries."""
+    rng = random.Random(seed)
+    runs = []
+    for day, scale in enumerate(scales, start=1):
+        drift = scale * (1.0 + rng.gauss(0.0, 0.01))
+        stamp = f"2025-01-{day:02d}T00:00:00Z" if day <= 31 else f"2025-02-{day - 31:02d}T00:00:00Z"
+        env = default_env(utc=stamp, git_commit=f"{day % 10}" * 40, **(env_of or {}).get(day, {}))
+        runs.append(write_run(root, f"{stamp[:10].replace('-', '')}T000000Z_{name}", scale=drift, seed=10 * day,
+                              env=env, **run_kw))
+    return runs
+
+
+def edit_records(run: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    """Rewrite a run's records through `change` (which edits each record in place)."""
+    path = run / "results.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        change(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -72,3 +72,13 @@ def test_one_slow_night_is_not_a_change() -> None:
     assert latest_change([*base, 1.5, 1.0]) is None  # a spike then back: the nearer night decides
     assert latest_change([*base, 1.0, 1.5]) is None
     assert latest_change([*base, 1.2, 1.25]).index == 20
+
+
+def test_tonights_change_names_its_first_night() -> None:
+    """Three nights at the new level in a short series: segmentation cannot establish the split
+    yet, tonight's test (the last two nights) finds it, and the start is moved back to night 8."""
+    values = [0.2122, 0.2080, 0.2083, 0.2106, 0.2074, 0.2104, 0.2105, 0.2501, 0.2488, 0.2525]
+    assert detect(values) == []
+    cp = latest_change(values)
+    assert cp is not None and cp.index == 7 and 0.17 < cp.rel_change < 0.21
+    assert latest_change(values[:9]) is not None and latest_change(values[:9]).index == 7

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 from pathlib import Path
 
@@ -11,26 +10,11 @@ import pytest
 
 from bench.cli.main import main
 from bench.results import history
-from tests.support.run_factory import default_env, write_run
+from tests.support.run_factory import default_env, edit_records, write_nights, write_run
 
 
 def nights(tmp_path: Path, scales: list[float], seed: int = 0) -> list[Path]:
-    """One run folder per night, step times at scale * base, with 1% between-run drift."""
-    rng = random.Random(seed)
-    runs = []
-    for day, scale in enumerate(scales, start=1):
-        drift = scale * (1.0 + rng.gauss(0.0, 0.01))
-        runs.append(write_run(tmp_path, f"202501{day:02d}T000000Z_nightly", scale=drift, seed=10 * day,
-                              env=default_env(utc=f"2025-01-{day:02d}T00:00:00Z", git_commit=f"{day % 10}" * 40)))
-    return runs
-
-
-def edit_records(run: Path, change) -> None:  # type: ignore[no-untyped-def]
-    path = run / "results.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for record in records:
-        change(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return write_nights(tmp_path, scales, seed)
 
 
 def nightly(run: Path, db: Path, *extra: str) -> int:

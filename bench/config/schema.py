@@ -34,8 +34,8 @@ FORWARD_OVERLAP: tuple[str, ...] = ("layer", "module")
 LAUNCH_BEFORE: tuple[str, ...] = ("wo", "wqkv", "attn", "w1")
 ISP_ONLY_DEFAULTS: dict[str, object] = {"wp_unit": "module", "head": "vocab_parallel", "forward_overlap_per": "layer",
                                         "launch_allgather_before": "wo"}
-from bench.config.rules import (ConfigError, Problem, Rule, Section, _f, _show, field_problems,  # noqa: F401
-                                suggest)
+from bench.config.rules import (ConfigError, Problem, Rule, Section, _clip, _f, _show,  # noqa: F401
+                                field_problems, suggest)
 
 @dataclass(frozen=True)
 class ModelConfig(Section):

@@ -118,6 +118,8 @@ class ProfileConfig(Section):
     with_stack: bool = _f(False, "bool", "torch.profiler with_stack")
     profile_memory: bool = _f(False, "bool", "torch.profiler profile_memory")
     memory_snapshot: bool = _f(False, "bool", "CUDA memory snapshot for memory_viz (cuda only)")
+    nvtx: bool = _f(False, "bool", "NVTX ranges for Nsight Systems: steps, forward, backward, optimizer and the "
+                                   "isp.* labels (cuda; on cpu the record says inactive)")
 
 
 @dataclass(frozen=True)

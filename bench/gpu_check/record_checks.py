@@ -77,7 +77,9 @@ def loss_matches(c: CellRun) -> Check:
         return Check("loss = reference", FAIL, f"no reference ran: {m.get('loss_check_skipped')}", c.cell, CORRECT,
                      "the one-process reference must run here (run.check_loss: true, room on the device)")
     detail = f"max relative difference {m['loss_max_rel_diff']:.1e} over {len(m['loss'])} steps (tolerance " \
-             f"{m['loss_rel_tol']:g}); cell {m['loss']} vs reference {m['loss_reference']}"
+             f"{m['loss_rel_tol']:g})"
+    if not m["loss_matches_reference"]:
+        detail += f"; cell {m['loss']} vs reference {m['loss_reference']}"
     return passed("loss = reference", m["loss_matches_reference"], detail, CORRECT,
                   "the cell trains differently from one process on the same tokens: a wrong gradient or "
                   "collective on this GPU's path", c.cell)

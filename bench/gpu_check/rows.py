@@ -15,7 +15,7 @@ package that is not there makes everything after it fail too):
 from __future__ import annotations
 
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from tabulate import tabulate
@@ -80,7 +80,3 @@ def document(device: str, rates: dict[str, Any], rows: list[Check], elapsed_s: f
     """gpu_check.json (docs: the shared record schema); `ok` is null for a row that did not apply."""
     checks = [{"name": r.label, "ok": None if r.status == NA else r.status == OK, "detail": r.detail} for r in rows]
     return {"schema": SCHEMA, "device": device, "rates": rates, "checks": checks, "elapsed_s": round(elapsed_s, 1)}
-
-
-def as_dicts(rows: list[Check]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]

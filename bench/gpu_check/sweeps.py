@@ -117,11 +117,9 @@ def checks_for(c: rc.CellRun, extra: list[CellCheck]) -> list[CellCheck]:
 
 def rows_for(c: rc.CellRun, checks: list[CellCheck]) -> list[Check]:
     """The cell's 'runs' row, then one row per check (each guarded on its own); when the cell
-    did not run, the others say so rather than fail again."""
+    did not run, one row names the checks not made rather than failing each again."""
     out = [guarded("runs", RUNS, lambda: rc.runs(c), c.cell)]
-    for name, priority, check in checks:
-        if not c.ran:
-            out.append(Check(name, NA, "the cell did not run (see its 'runs' row)", c.cell, priority))
-        else:
-            out.append(guarded(name, priority, lambda check=check: check(c), c.cell))
-    return out
+    if not c.ran:
+        names = ", ".join(name for name, _, _ in checks)
+        return out + [Check("its other checks", NA, f"not made, the cell did not run: {names}", c.cell, RUNS)]
+    return out + [guarded(name, priority, lambda check=check: check(c), c.cell) for name, priority, check in checks]

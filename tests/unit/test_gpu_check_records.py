@@ -201,13 +201,31 @@ def test_a_failed_cell_shows_its_reason_whole_and_where_to_look(tmp_path: Path) 
     out = rows_for(c, checks_for(c, []))
     assert out[0].status == FAIL and reason in out[0].detail
     assert f"rank log {tmp_path / 'logs/mp1-ck0/rank0.log'}; run folder {tmp_path}" in out[0].detail
-    assert [r.status for r in out[1:]] == [NA] * len(TRAINING)
+    (rest,) = out[1:]  # one row for the checks not made, naming them
+    assert rest.status == NA and all(name in rest.detail for name, _, _ in TRAINING)
 
     coll = {**record, "config": {"run": {"kind": "collectives"}, "parallel": {"world_size": 2}},
             "error": {"reason": "all_gather: 12 wrong elements", "log_file": "logs/c/rank1.log"}}
     c = rc.CellRun("coll", coll, tmp_path, "", "")
     out = rows_for(c, checks_for(c, []))
-    assert "all_gather: 12 wrong elements" in out[0].detail and [r.name for r in out] == ["runs", "collectives correct"]
+    assert "all_gather: 12 wrong elements" in out[0].detail and "collectives correct" in out[1].detail
+
+
+def test_loss_off_its_reference_bytes_off_the_formula(main_cell: rc.CellRun) -> None:
+    gemm = 2 * main_cell.metrics["tflops_per_rank"]
+    off = altered(main_cell, loss_matches_reference=False, loss_max_rel_diff=0.02, loss_reference=[5.2, 5.1, 5.0])
+    row = rows(off, gemm)["loss = reference"]
+    assert row.status == FAIL and "2.0e-02 over 3 steps (tolerance 0.005); cell [5.1, 5.0, 4.9] vs reference" in row.detail
+    record = json.loads(json.dumps(main_cell.record))
+    del record["metrics"]["loss_matches_reference"]
+    record["metrics"]["loss_check_skipped"] = "the one-process reference ran out of device memory: CUDA out of memory"
+    row = rows(rc.CellRun("base", record, main_cell.run_dir), gemm)["loss = reference"]
+    assert row.status == FAIL and row.detail == ("no reference ran: the one-process reference ran out of device "
+                                                 "memory: CUDA out of memory")
+    comm = {**main_cell.metrics["comm"], "matches_prediction": False,
+            "mismatches": ["weight/all_gather: counted 12 calls, predicted 8"]}
+    row = rows(altered(main_cell, comm=comm), gemm)["counted bytes = formula"]
+    assert row.status == FAIL and "weight/all_gather: counted 12 calls, predicted 8" in row.detail
 
 
 def test_one_broken_check_is_one_row(main_cell: rc.CellRun) -> None:

@@ -1,12 +1,13 @@
 """ISP Bench: the benchmark harness around isp_core. Folders follow a cell's way through the program:
 
     run_bench.py      -> bench/cli/         argument parsing only: main (sweep), compare, history, nightly, plan
-    1. what to run       bench/config/      rules and schema (sections), checks, cell, YAML file + --set, matrix
+    1. what to run       bench/config/      rules and schema (sections), checks, cell, YAML file + --set, matrix,
+                                            limits (alias bombs, cell count, name length)
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
                                             (several nodes through torch's c10d store), env_info
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
-                                            gather), timing, memory, nvml, profiling, collectives, finish
+                                            gather), timing, memory, nvml, profiling, nvtx, collectives, finish
     4. numbers           bench/metrics/     measurement (the typed hand-over), assemble (every metric of a
                                             record), formulas, overlap, trace_figures, nccl_trace, roofline,
                                             loss_check, collectives_spec

@@ -20,6 +20,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from bench.config.checks import probe_host
+from bench.config.limits import MAX_CELLS
 from bench.config.matrix import BenchConfig, Cell, load_config
 from bench.config.schema import ConfigError
 from bench.metrics import roofline
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(matrix.model.checkpoint=[0,1]; [] drops it) or name=...; VALUE is YAML")
     p.add_argument("--filter", metavar="REGEX", help="keep cells whose id matches (regex, or substring)")
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit (skips GPU/NVML checks)")
+    p.add_argument("--max-cells", type=_positive_int, default=MAX_CELLS, metavar="N",
+                   help="refuse a sweep of more than N cells before expanding it (default %(default)s)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="run the cells of RUN_DIR that have no ok record, with its saved config")
     p.add_argument("--retry", type=_statuses, default=RETRYABLE, metavar="STATUS[,STATUS]",
@@ -76,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
 
 RETRYABLE = ("failed", "timeout", "interrupted")
 GRACE_S = 30.0  # default --grace-s: what a scheduler usually leaves between SIGTERM and SIGKILL
+
+
+def _max_cells(args: argparse.Namespace) -> int:
+    # Callers that build their own Namespace (run_bench.py nightly) may not carry --max-cells.
+    return int(getattr(args, "max_cells", MAX_CELLS))
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int >= 1")
+    return int(text)
 
 
 def _statuses(text: str) -> tuple[str, ...]:
@@ -135,7 +149,7 @@ def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, P
         return _run_on_nodes(args, spec, opts, host, command_line)
     if args.resume is not None:
         return _resume(args, host, opts)
-    bench = load_config(args.config, args.set, args.filter, host)
+    bench = load_config(args.config, args.set, args.filter, host, _max_cells(args))
     if args.dry_run:
         _print_cells(bench, list(bench.cells))
         return 0, None
@@ -179,7 +193,7 @@ def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOp
     def head_plan() -> tuple[Path, list[Cell]]:
         if args.resume is not None:
             return args.resume, _to_rerun(args, _resumed_config(args, host), None)
-        bench = load_config(args.config, args.set, args.filter, host)  # type: ignore[arg-type]
+        bench = load_config(args.config, args.set, args.filter, host, _max_cells(args))  # type: ignore[arg-type]
         run_dir = runner.new_run_dir(args.results_dir, bench.name)
         runner.prepare(run_dir, bench, command_line, nnodes=spec.nnodes)
         return run_dir, list(bench.cells)
@@ -204,7 +218,7 @@ def _resumed_config(args: argparse.Namespace, host: object) -> BenchConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file() or not (run_dir / "cells.json").is_file():
         raise ConfigError([f"--resume {run_dir}: not a run folder (no config.yaml / cells.json)"])
-    return load_config(saved, None, args.filter, host)  # type: ignore[arg-type]
+    return load_config(saved, None, args.filter, host, _max_cells(args))  # type: ignore[arg-type]
 
 
 def _to_rerun(args: argparse.Namespace, bench: BenchConfig, torn_cell: str | None) -> list[Cell]:

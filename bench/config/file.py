@@ -14,10 +14,14 @@ from typing import Any
 
 import yaml
 
+from bench.config.limits import oversize, size_problem
 from bench.config.schema import SECTIONS, ConfigError, rule_for, suggest
 
 TOP_KEYS = ["name", "base", "matrix", "exclude", "include", "baseline"]
 DEFAULT_LABEL = "bench/default.yaml"
+# libyaml's parser when PyYAML has it (its wheels do): the pure-Python one takes seconds per
+# megabyte, and a sweep file must be answered, even refused, within a second.
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class Messages:
@@ -42,11 +46,15 @@ def read_doc(path: Path | None) -> tuple[dict[str, Any], str]:
     label = str(path) if path is not None else DEFAULT_LABEL
     try:
         text = path.read_text() if path is not None else (resources.files("bench") / "default.yaml").read_text()
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=LOADER)  # noqa: S506 - a safe loader
     except OSError as exc:
         raise ConfigError([f"{label}: cannot read: {exc.strerror or exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{label}: not valid YAML: {' '.join(str(exc).split())}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{label}: not valid YAML: nested too deeply to read"]) from None
+    if (too_big := size_problem(doc, label)) is not None:  # before anything copies or prints it
+        raise ConfigError([too_big])
     if not isinstance(doc, dict):
         raise ConfigError([f"{label}: expected a mapping with keys {', '.join(TOP_KEYS)}"])
     return doc, label
@@ -76,7 +84,10 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], label: str) -> di
         except yaml.YAMLError:
             value, eq = None, ""
         if not eq or not key:
-            out.add(f"--set {item}", "expected key=value with a YAML value, e.g. parallel.world_size=2")
+            out.add(f"--set {item[:60]}", "expected key=value with a YAML value, e.g. parallel.world_size=2")
+            continue
+        if (too_big := oversize(value)) is not None:
+            out.add(f"--set {'.'.join(filter(None, (key, too_big[0])))}", too_big[1])
             continue
         if key == "name":
             doc["name"] = value

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
-from bench.config.schema import SECTIONS, ConfigError, rule_for, suggest
+from bench.config.schema import SECTIONS, ConfigError, _clip, _show, rule_for, suggest
 from bench.config.checks import HostLimits, host_problems
 from bench.config.file import TOP_KEYS, Messages, apply_overrides, key_problem, read_doc
+from bench.config.limits import MAX_CELLS, cells_problem, name_problem
 
 _ABBREV = {"overlap": "ov", "memory_pool": "mp", "checkpoint": "ck", "world_size": "ws", "sp": "sp",
            "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": "", "kind": "", "group": "",
@@ -47,25 +48,30 @@ class BenchConfig:
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None, cell_filter: str | None = None,
-                host: HostLimits | None = None) -> BenchConfig:
+                host: HostLimits | None = None, max_cells: int = MAX_CELLS) -> BenchConfig:
     """Read, override, expand and validate; raises ConfigError listing every problem.
 
-    `host` None skips what depends on this machine (GPU count, NVML), as --dry-run does."""
+    `host` None skips what depends on this machine (GPU count, NVML), as --dry-run does.
+    More than `max_cells` cells is refused before the matrix is expanded (limits.py)."""
     doc, label = read_doc(path)
     doc = apply_overrides(doc, overrides or [], label)
     default_name = path.stem if path is not None else "cpu-default"
-    return build(doc, label, default_name, cell_filter, host)
+    return build(doc, label, default_name, cell_filter, host, max_cells)
 
 
 def build(doc: dict[str, Any], label: str, default_name: str, cell_filter: str | None = None,
-          host: HostLimits | None = None) -> BenchConfig:
+          host: HostLimits | None = None, max_cells: int = MAX_CELLS) -> BenchConfig:
     out = Messages(label)
+    if (too_many := cells_problem(doc.get("matrix"), doc.get("include"), max_cells)) is not None:
+        raise ConfigError([f"{label}: {too_many}"])  # alone: nothing below runs on such a matrix
     for key in doc:
         if key not in TOP_KEYS:
             out.add(str(key), suggest(str(key), TOP_KEYS))
     name = doc.get("name", default_name)
-    if not isinstance(name, str) or not _SAFE.match(name):
-        out.add("name", f"got {name!r}; allowed: letters, digits and . _ + - (it names the results folder)")
+    if (too_long := name_problem(name)) is not None:
+        out.add("name", too_long)
+    elif not isinstance(name, str) or not _SAFE.match(name):
+        out.add("name", f"got {_show(name)}; allowed: letters, digits and . _ + - (it names the results folder)")
     base = _base(doc.get("base"), out)
     matrix = _matrix(doc.get("matrix"), out)
     exclude = _entries(doc.get("exclude"), "exclude", out, allowed=list(matrix))
@@ -124,12 +130,25 @@ def _matrix(raw: Any, out: Messages) -> dict[str, list[Any]]:
         elif not isinstance(values, list) or not values:
             out.add(f"matrix.{key}", f"expected a non-empty list of values, got {values!r}")
         else:
+            seen: set[Any] = set()  # == as `in` compares (1 and 1.0 are one value); lists compared in full
             for i, value in enumerate(values):
                 _check_value(key, value, f"matrix.{key}[{i}]", out)
-                if value in values[:i]:
-                    out.add(f"matrix.{key}[{i}]", f"{value!r} is listed twice; each value makes its own cells")
+                hashable = _hashable(value)
+                if (value in seen) if hashable else (value in values[:i]):
+                    out.add(f"matrix.{key}[{i}]", f"{_clip(repr(value))} is listed twice; each value makes its "
+                                                  "own cells")
+                if hashable:
+                    seen.add(value)
             matrix[key] = values
     return matrix
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _entries(raw: Any, where: str, out: Messages, allowed: list[str] | None) -> list[dict[str, Any]]:
@@ -175,6 +194,7 @@ def _expand(base: dict[str, dict[str, Any]], matrix: dict[str, list[Any]], exclu
     merged = [_merge(base, c) for c in combos] + [_merge(base, e) for e in include]
     abbrevs = _abbreviations(swept)
     cells: list[Cell] = []
+    seen: set[str] = set()  # reprs of the cells' configs: equal reprs, equal configs (fields are normalised)
     by_cell: dict[tuple[str, str], list[str]] = {}  # one message per problem, naming every cell it hits
     for raw in merged:
         values = {k: raw[k.partition(".")[0]][k.partition(".")[2]] for k in swept}
@@ -185,8 +205,9 @@ def _expand(base: dict[str, dict[str, Any]], matrix: dict[str, list[Any]], exclu
             for p in exc.problems:
                 by_cell.setdefault((p.key, p.text), []).append(cell_id)
             continue
-        if any(c.config == config for c in cells):  # an include that repeats a cell adds nothing
+        if repr(config) in seen:  # an include that repeats a cell adds nothing
             continue
+        seen.add(repr(config))
         for p in host_problems(config, host) if host is not None else []:
             by_cell.setdefault((p.key, p.text), []).append(cell_id)
         cells.append(Cell(cell_id, values, config))

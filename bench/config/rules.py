@@ -120,7 +120,12 @@ def _in_range(value: float, lo: float | None, hi: float | None, gt: float | None
 
 def _show(value: Any) -> str:
     kind = "bool" if isinstance(value, bool) else type(value).__name__
-    return f"{kind} {value!r}"
+    return f"{kind} {_clip(repr(value))}"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """`text`, or its start and its length when longer: one line must stay one line a person reads."""
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text):,} characters)"
 
 
 def _f(default: Any, kind: str, doc: str, **rule: Any) -> Any:

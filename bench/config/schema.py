@@ -34,8 +34,8 @@ FORWARD_OVERLAP: tuple[str, ...] = ("layer", "module")
 LAUNCH_BEFORE: tuple[str, ...] = ("wo", "wqkv", "attn", "w1")
 ISP_ONLY_DEFAULTS: dict[str, object] = {"wp_unit": "module", "head": "vocab_parallel", "forward_overlap_per": "layer",
                                         "launch_allgather_before": "wo"}
-from bench.config.rules import (ConfigError, Problem, Rule, Section, _f, _show, field_problems,  # noqa: F401
-                                suggest)
+from bench.config.rules import (ConfigError, Problem, Rule, Section, _clip, _f, _show,  # noqa: F401
+                                field_problems, suggest)
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
@@ -120,6 +120,8 @@ class ProfileConfig(Section):
     with_stack: bool = _f(False, "bool", "torch.profiler with_stack")
     profile_memory: bool = _f(False, "bool", "torch.profiler profile_memory")
     memory_snapshot: bool = _f(False, "bool", "CUDA memory snapshot for memory_viz (cuda only)")
+    nvtx: bool = _f(False, "bool", "NVTX ranges for Nsight Systems: steps, forward, backward, optimizer and the "
+                                   "isp.* labels (cuda; on cpu the record says inactive)")
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,8 @@ def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -
         if traces[0]["nccl"]:  # CUDA: bytes and bandwidth the NCCL kernels themselves report
             metrics["nccl_trace"] = traces[0]["nccl"]
         metrics["traces"] = [p for r in m.ranks if r.profile for p in r.profile["traces"]]
+    if any(r.profile and r.profile.get("memory_snapshot") for r in m.ranks):  # per rank, relative to the run folder
+        metrics["memory_snapshots"] = [(r.profile or {}).get("memory_snapshot") for r in m.ranks]
     nvml = [r.nvml for r in m.ranks]
     if any(n is not None for n in nvml):
         metrics["nvml"] = nvml_metrics(nvml, m)

@@ -9,6 +9,7 @@ timings), reduce across ranks. `bench/worker/__main__.py` runs it under torchrun
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from bench.metrics.trace_figures import trace_file_figures
 from bench.strategies.common import TORCH_DTYPES, data_spec, model_config, to_device
 from bench.worker.memory import peak_memory, reset_peak
 from bench.worker.nvml import NvmlSampler, local_device_ids
+from bench.worker.nvtx import NvtxRanges, nvtx_step
 from bench.worker.profiling import Profiler, dump_memory_snapshot, start_memory_history, steps_needed, stop_memory_history
 from bench.worker.timing import StepTimer, all_ranks_agree, reduce_max_across_ranks
 from isp_core.attention import attention_backend
@@ -93,11 +95,8 @@ def run_steps(cell: Cell, first_step: int, count: int, timer: Optional[StepTimer
     losses = []
     for step in range(first_step, first_step + count):
         batches = batches_for(cell, step)
-        if timer is None:
+        with nvtx_step(step), (timer.step() if timer is not None else contextlib.nullcontext()):
             losses.append(cell.trainer.train_step(batches))
-        else:
-            with timer.step():
-                losses.append(cell.trainer.train_step(batches))
         if profiler is not None:
             profiler.step()
     return losses
@@ -213,7 +212,8 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
              link_curves: Optional[list[Any]] = None) -> Optional[dict]:
     """Measure on every rank; rank 0 returns the cell's metrics, the others None."""
     cell = build(config, cell_id, run_dir, device)
-    local = measure(cell)
+    with NvtxRanges(config.profile.nvtx, device, getattr(cell.trainer, "optimizer", None)) as nvtx:
+        local = measure(cell)
     samples = reduce_max_across_ranks(local.samples)
     # None on every rank or on none (nvml_overhead decides together).
     off = reduce_max_across_ranks(local.nvml_off_samples) if local.nvml_off_samples is not None else None
@@ -227,4 +227,7 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     measurement = Measurement(samples, local.first_measured_step, ranks, off, on,
                               pool.bytes_held()["total"] if pool is not None else 0, reference, link_curves or [],
                               cell.attention, skipped)
-    return assemble_metrics(cell.config, measurement, device)
+    metrics = assemble_metrics(cell.config, measurement, device)
+    if config.profile.nvtx:  # asked for: say whether the ranges were there (on CPU they are not)
+        metrics["nvtx"] = {"active": nvtx.active, "status": nvtx.status}
+    return metrics

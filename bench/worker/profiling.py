@@ -1,5 +1,6 @@
 """torch.profiler around the measured steps, one gzipped chrome trace per rank and
-cycle, and CUDA memory snapshots loadable by PyTorch's memory_viz.
+cycle, and CUDA memory snapshots loadable by PyTorch's memory_viz. (NVTX ranges for Nsight
+Systems, profile.nvtx: bench/worker/nvtx.py.)
 
 Layout: <trace_root>/<cell>/rank<r>.json.gz for the first profiling cycle and
 rank<r>_<k>.json.gz for cycle k >= 1 when the schedule repeats. With
@@ -18,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
+
+from bench.worker import nvtx
 
 
 class ProfileSettings(Protocol):
@@ -119,6 +122,7 @@ class Profiler:
 
     def __enter__(self) -> Profiler:
         if self.active:
+            nvtx.pause_labels()  # torch.profiler takes the profiler slot the NVTX labels hold
             self._prof = self._build()
             self._prof.__enter__()
         return self
@@ -127,6 +131,7 @@ class Profiler:
         if self._prof is not None:
             self._prof.__exit__(*exc)
             self._prof = None
+            nvtx.resume_labels()
 
     def step(self) -> None:
         """Mark the end of one training step (advances the schedule)."""

@@ -7,6 +7,7 @@ Debian packages are missing or the daemons cannot start.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,8 +79,9 @@ def test_srun_one_task_per_node_needs_no_node_flag(cluster: SlurmCluster, tmp_pa
 
 def test_sbatch_of_the_shipped_script_cpu_variant(cluster: SlurmCluster, tmp_path: Path) -> None:
     env = job_env(cluster, tmp_path, CONFIG, tmp_path / "results")
-    out = subprocess.run(["sbatch", "--wait", "--gpus-per-node=0", "--exclusive=user", "-o", str(tmp_path / "job.out"),
-                          str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(["sbatch", "--wait", "-N2", "--gpus-per-node=0", "--exclusive=user", "-o",
+                          str(tmp_path / "job.out"), str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=400)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     print(out.stdout, log)
     assert out.returncode == 0, out.stdout + out.stderr + log
@@ -91,7 +93,7 @@ def test_sbatch_time_limit_sigterm_reaches_every_runner(cluster: SlurmCluster, t
     config = {**CONFIG, "base": {**CONFIG["base"], "run": {**CONFIG["base"]["run"], "measure_steps": 60}}}
     results = tmp_path / "results"
     env = job_env(cluster, tmp_path, config, results)
-    submitted = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--exclusive=user", "-o",
+    submitted = subprocess.run(["sbatch", "--parsable", "-N2", "--gpus-per-node=0", "--exclusive=user", "-o",
                                 str(tmp_path / "job.out"), str(SCRIPT)], cwd=REPO, env=env, capture_output=True,
                                text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
@@ -111,3 +113,20 @@ def test_sbatch_time_limit_sigterm_reaches_every_runner(cluster: SlurmCluster, t
     (run_dir,) = [p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")]
     (record,) = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert record["status"] != "ok" and "interrupted" in record["error"]["reason"], record["error"]
+
+
+def test_sbatch_picks_its_config_by_node_count(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """No ISP_BENCH_CONFIG: one node runs gpu-nightly-8 (world 8), two run gpu-nightly-nodes at
+    world 16 (the script's --set); a dry run on each node shows which, without any GPU."""
+    env = dict(cluster.env, PYTHONPATH=str(REPO), ISP_BENCH_PYTHON=sys.executable, ISP_BENCH_ARGS="--dry-run",
+               ISP_BENCH_RESULTS=str(tmp_path / "results"))
+    for nodes, config, ranks in ((1, "configs/gpu-nightly-8.yaml", "8"), (2, "configs/gpu-nightly-nodes.yaml", "16")):
+        log = tmp_path / f"job{nodes}.out"
+        out = subprocess.run(["sbatch", "--wait", f"-N{nodes}", "--gpus-per-node=0", "--exclusive=user", "-o", str(log),
+                              str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        text = log.read_text() if log.exists() else ""
+        assert out.returncode == 0, out.stdout + out.stderr + text
+        assert text.count(f"cell(s) from {config}") == nodes, text
+        rows = [line.split() for line in text.splitlines() if re.match(r"^(ov|wp)\S*-", line)]
+        assert rows and {row[-1] for row in rows} == {ranks}, text
+

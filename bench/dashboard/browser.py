@@ -86,6 +86,11 @@ class Browser:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)
+        try:
+            self.call("Browser.getVersion")  # it started and speaks the protocol
+        except BrowserError:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

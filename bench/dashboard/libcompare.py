@@ -3,10 +3,10 @@
 Builds the same two pages with each candidate, from its pip package's own JavaScript:
 - `cell`: a cell page, 6 trend charts of 365 nights each, the first with its p10-p90 band;
 - `stress`: one chart of 50 series x 365 nights (every cell of a big nightly matrix at once);
-then opens each from file:// in headless Chromium (bench/dashboard/browser.py) and reports
-page weight (the HTML plus the script it loads), time to the first chart drawn and to every
-chart drawn (performance.now(), from navigation start), and writes a screenshot of each page
-for judging readability. Needs the `chart-compare` extra (bokeh, altair, vl-convert-python)
+then opens each from file:// in headless Chromium (bench/dashboard/measure.py) and reports
+page weight (the HTML plus the script it loads), the load event and the time to the first and
+to every chart drawn (performance.now(), from navigation start), and writes a screenshot of
+each page for judging readability. Needs the `chart-compare` extra (bokeh, altair, vl-convert-python)
 beside plotly. The figures and the choice are in docs/dashboard.md.
 """
 
@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+import os
 import random
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.dashboard.browser import Browser, beyond_local
+from bench.dashboard.browser import Browser
+from bench.dashboard.measure import median_timing, timed_visit
 
 NIGHTS, SERIES, CHARTS = 365, 50, 6
 # Charts are drawn one after another, each after the previous one reached the screen (the next
@@ -169,25 +169,6 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Path]]] = {
     "plotly": plotly_pages, "vega-lite (altair)": vega_pages, "bokeh": bokeh_pages}
 
 
-def weight(html: Path) -> int:
-    """The page plus every local script it loads, in bytes."""
-    text = html.read_text()
-    scripts = [p for p in html.parent.glob("*.js") if f"src='{p.name}'" in text]
-    return html.stat().st_size + sum(p.stat().st_size for p in scripts)
-
-
-def time_page(browser: Browser, html: Path, charts: int, shot: Path) -> tuple[float, float, int]:
-    page = browser.new_page()
-    log = page.goto(html.resolve().as_uri())
-    times = page.wait_for(f"window.__charts && window.__charts.length >= {charts} && window.__charts")
-    page.screenshot(shot)
-    page.close()
-    outside = beyond_local(log.requests)
-    if log.errors or outside:
-        raise RuntimeError(f"{html.name}: errors {log.errors}, requests beyond file:// {outside}")
-    return min(times), max(times), len(log.requests)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.dashboard.libcompare", description=__doc__)
     p.add_argument("out", type=Path, help="folder for the candidate pages and their screenshots")
@@ -200,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             for name, html in build(folder).items():
                 charts = CHARTS if name == "cell" else 1
-                runs = [time_page(browser, html, charts, folder / f"{name}.png") for _ in range(args.repeat)]
-                first = statistics.median(r[0] for r in runs)
-                every = statistics.median(r[1] for r in runs)
-                rows.append((lib, name, weight(html), first, every))
-    print(f"| library | page | weight (MiB) | first chart (ms) | all charts (ms) |\n| --- | --- | --- | --- | --- |")
-    for lib, name, size, first, every in rows:
-        print(f"| {lib} | {name} | {size / 2**20:.2f} | {first:.0f} | {every:.0f} |")
-    return 0 if all(math.isfinite(r[3]) for r in rows) else 1
+                timed_visit(browser, html, charts, folder / f"{name}.png")  # the screenshot, and a first load
+                t = median_timing(browser, html, charts, args.repeat)
+                rows.append((lib, name, weight(html), t.first_chart_ms, t.all_charts_ms, t.load_ms))
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| library | page | weight (MiB) | load event (ms) | first chart (ms) | all charts (ms) |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for lib, name, size, first, every, load in rows:
+        print(f"| {lib} | {name} | {size / 2**20:.2f} | {load:.0f} | {first:.0f} | {every:.0f} |")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.dashboard.browser import Browser
-from bench.dashboard.measure import median_timing, timed_visit
+from bench.dashboard.measure import median_timing, timed_visit, weight
 
 NIGHTS, SERIES, CHARTS = 365, 50, 6
 # Charts are drawn one after another, each after the previous one reached the screen (the next

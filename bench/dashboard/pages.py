@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.dashboard.charts import cell_item, label
+from bench.dashboard.charts import RunAxis, cell_item, label
 from bench.dashboard.model import CellView, ConfigView
 from bench.results import report
 from bench.results.compare import compare, side_from_run
@@ -65,7 +65,7 @@ def cell_context(cell: CellView, runs: list[dict[str, Any]]) -> dict[str, Any]:
     root = "../../"
     pages = {r["id"]: root + run_href(r) for r in runs}
     charted = [s for s in cell.series if s.points]
-    items = [("charts", cell_item(charted, pages))] if charted else []
+    items = [("charts", cell_item(charted, RunAxis.of(runs), pages))] if charted else []
     empty = [s.trend.title for s in cell.series if not s.points]
     changes = [(s.metric, m) for s in cell.series for m in [*s.changes, *s.acks]]
     return {"cell": cell, "empty": empty, "changes": changes, "items": items_json(items) if items else "",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli.main import main
-from bench.dashboard.charts import trend_figure
+from bench.dashboard.charts import RunAxis, trend_figure
 from bench.dashboard.judgements import Mark
 from bench.dashboard.model import TRENDS, Point, Series, read_site
 from bench.results import history
@@ -72,11 +72,11 @@ def test_acknowledged_changes_and_change_points_are_drawn_where_they_start() -> 
               for i in range(6)]
     series = Series(TRENDS[0], "step_time_s", points, changes=[Mark(3, "run3", "regression", "+25%")],
                     acks=[Mark(3, "run3", "acknowledged", "by ana: new kernel")])
-    fig = trend_figure(series, {})
+    fig = trend_figure(series, RunAxis({i: 10 + i for i in range(6)}, {}), {})
     (points_glyph,) = [r for r in fig.renderers if r.name == "points:step_time_s"]
     for name in ("changes", "acks"):
         (glyph,) = [r for r in fig.renderers if r.name == f"{name}:step_time_s"]
-        assert list(glyph.data_source.data["x"]) == [points_glyph.data_source.data["x"][3]]
+        assert list(glyph.data_source.data["x"]) == [13]  # at the run the change starts
     assert len(points_glyph.data_source.data["y"]) == 6 and points_glyph.data_source.data["y"][0] == pytest.approx(200)
     hover = [t for t in fig.tools if getattr(t, "renderers", None) == [points_glyph]]
     assert [name for name, _ in hover[0].tooltips] == ["run", "commit", "date", "value"]

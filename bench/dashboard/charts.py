@@ -98,7 +98,8 @@ def trend_figure(series: Series, axis: RunAxis, run_pages: dict[int, str], x_ran
         fig.varea("x", y1="lo", y2="hi", source=src, fill_alpha=0.25, fill_color="#1565c0", legend_label="p10-p90")
     fig.line("x", "y", source=src, line_width=2, color="#1565c0")
     legend = {"legend_label": "median"} if series.trend.band else {}  # a lone series needs no legend
-    points = fig.scatter("x", "y", source=src, size=7, color="#1565c0", name=f"points:{series.metric}", **legend)
+    size = 7 if len(series.points) <= 60 else 4  # a year of nights stays a line, not a ribbon of dots
+    points = fig.scatter("x", "y", source=src, size=size, color="#1565c0", name=f"points:{series.metric}", **legend)
     fig.add_tools(HoverTool(renderers=[points], tooltips=TOOLTIPS), TapTool(renderers=[points], callback=OpenURL(url="@page")))
     _marks(fig, series, axis, series.changes, "changes")
     _marks(fig, series, axis, series.acks, "acks")

@@ -1,16 +1,18 @@
 """Change points, open regressions and acknowledged changes: the one place the dashboard reads them.
 
 Change points come from bench.results.nightly.detect_all over the history. Open regressions
-and acknowledgements belong to issue 19 (an `acks` table in the history DB and the open
-regressions of a config in bench.results.nightly); until that lands, read_judgements reads what
-exists: a config's open regressions are the series its newest judged run's nightly.json calls
-a regression, plus the cells that failed there after an ok history, and there are no acks.
+and acknowledgements are issue 19's: `bench.results.nightly.open_regressions(db, config)` and
+`bench.results.acks.acks(db, config_name=...)` (the history's `acks` table). Where that API is
+not installed (this branch was cut before it), read_judgements reads what exists instead: a
+config's open regressions are the series its newest judged run's nightly.json calls a
+regression, plus the cells that failed there after an ok history, and there are no acks.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ Key = tuple[str, str, str]  # config name, cell, metric
 @dataclass(frozen=True)
 class Mark:
     """A change point or an acknowledged change on one series, at the run where it starts."""
-    index: int  # into the series, oldest run first
+    index: int  # into the series, oldest run first (-1: find it by `run`, bench/dashboard/model.py)
     run: str
     kind: str  # regression, improvement, acknowledged
     text: str  # what the hover says
@@ -74,13 +76,29 @@ def _open_from_nightly(doc: dict[str, Any]) -> list[OpenRegression]:
     return out
 
 
-def read_judgements(db: DbLike, newest_run_paths: dict[str, list[str]], settings: DetectorSettings) -> Judgements:
-    """newest_run_paths: per config name, its run folders newest first (the first judged one counts).
+def _issue19_api() -> tuple[Callable[..., list[Any]], Callable[..., list[Any]]] | None:
+    try:
+        from bench.results import nightly
+        from bench.results.acks import acks  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    return (nightly.open_regressions, acks) if hasattr(nightly, "open_regressions") else None
 
-    When issue 19 lands: open_regressions from bench.results.nightly's open regressions of each
-    config, and acks from the history's `acks` table (config, cell, metric, who, when, why, level),
-    each as a Mark at the run it acknowledges.
-    """
+
+def _from_issue19(db: DbLike, config: str, out: Judgements) -> None:
+    open_regressions, acks = _issue19_api()  # type: ignore[misc]
+    for o in open_regressions(db, config):
+        c = o.change
+        text = f"{c.rel_change * 100:+.1f}%, {c.before:.4g} -> {c.after:.4g}" + (f" ({c.label})" if c.label else "")
+        out.open_regressions.setdefault(config, []).append(OpenRegression(o.cell, o.metric, c.start_run, text))
+    for a in acks(db, config_name=config):
+        mark = Mark(-1, a.run_name or "", "acknowledged",
+                    f"acknowledged by {a.by} on {a.utc[:10]}: {a.note} (level {a.level:.4g})")
+        out.acks.setdefault((config, a.cell, a.metric), []).append(mark)
+
+
+def read_judgements(db: DbLike, newest_run_paths: dict[str, list[str]], settings: DetectorSettings) -> Judgements:
+    """newest_run_paths: per config name, its run folders newest first (the first judged one counts)."""
     out = Judgements()
     try:
         found = detect_all(db, settings)  # type: ignore[arg-type]
@@ -89,7 +107,11 @@ def read_judgements(db: DbLike, newest_run_paths: dict[str, list[str]], settings
     for f in found:
         key = (f["config_name"], f["cell"], f["metric"])
         out.changes.setdefault(key, []).append(Mark(f["index"], f["start_run"], f["kind"], _change_text(f)))
+    issue19 = _issue19_api() is not None
     for config, paths in newest_run_paths.items():
-        doc = next((d for d in map(nightly_json, paths) if d is not None), None)
-        out.open_regressions[config] = _open_from_nightly(doc) if doc else []
+        out.open_regressions[config] = []
+        if issue19:
+            _from_issue19(db, config, out)
+        elif (doc := next((d for d in map(nightly_json, paths) if d is not None), None)) is not None:
+            out.open_regressions[config] = _open_from_nightly(doc)
     return out

@@ -6,7 +6,7 @@ Pages and charts take these plain objects and never query anything themselves.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench.dashboard.judgements import Judgements, Mark, OpenRegression, nightly_json, read_judgements
@@ -113,7 +113,9 @@ def _series(conn: sqlite3.Connection, config: str, cell: str, trend: Trend, comm
             shown = [Point(p.run_id, p.run_name, p.utc or "", commits.get(p.run_id, ""), p.value,
                            lo.get(p.run_id), hi.get(p.run_id)) for p in points]
             key = (config, cell, name)
-            return Series(trend, name, shown, judged.changes.get(key, []), judged.acks.get(key, []))
+            runs = [p.run for p in shown]  # an ack names the run it was made at
+            acks = [replace(m, index=runs.index(m.run)) for m in judged.acks.get(key, []) if m.run in runs]
+            return Series(trend, name, shown, judged.changes.get(key, []), acks)
     return Series(trend, "", []) if trend.always else None
 
 

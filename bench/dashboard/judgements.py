@@ -20,6 +20,7 @@ from typing import Any
 from bench.results.changepoint import DetectorSettings
 from bench.results.history import DbLike
 from bench.results.nightly import detect_all
+from bench.results.nightly_render import fmt
 
 Key = tuple[str, str, str]  # config name, cell, metric
 
@@ -89,11 +90,12 @@ def _from_issue19(db: DbLike, config: str, out: Judgements) -> None:
     open_regressions, acks = _issue19_api()  # type: ignore[misc]
     for o in open_regressions(db, config):
         c = o.change
-        text = f"{c.rel_change * 100:+.1f}%, {c.before:.4g} -> {c.after:.4g}" + (f" ({c.label})" if c.label else "")
+        text = f"{c.rel_change * 100:+.1f}%, {fmt(o.metric, c.before)} -> {fmt(o.metric, c.after)}" + (
+            f" ({c.label})" if c.label else "")
         out.open_regressions.setdefault(config, []).append(OpenRegression(o.cell, o.metric, c.start_run, text))
     for a in acks(db, config_name=config):
         mark = Mark(-1, a.run_name or "", "acknowledged",
-                    f"acknowledged by {a.by} on {a.utc[:10]}: {a.note} (level {a.level:.4g})")
+                    f"acknowledged by {a.by} on {a.utc[:10]}: {a.note} (level {fmt(a.metric, a.level)})")
         out.acks.setdefault((config, a.cell, a.metric), []).append(mark)
 
 

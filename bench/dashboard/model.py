@@ -95,7 +95,8 @@ def cell_verdict(doc: dict[str, Any] | None, cell: str) -> str:
     if cell in failed:
         return failed[cell]
     statuses = {s["status"] for s in doc.get("series", []) if s["cell"] == cell}
-    for word in ("regression", "improvement", "no change", "too little history"):
+    # issue 19's nightly adds "machine change" and "straggler": a move the code did not cause
+    for word in ("regression", "machine change", "straggler", "improvement", "no change", "too little history"):
         if word in statuses:
             return word
     return "not judged"

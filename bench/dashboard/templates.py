@@ -11,7 +11,7 @@ main{padding:8px 24px 24px;max-width:1400px}h1{font-size:22px}h2{font-size:18px;
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #cfd8dc;padding:3px 8px;text-align:left}
 th{background:#eceff1}.chart{margin:12px 0;min-height:260px}.empty{color:#777;font-style:italic}
 .s-ok,.v-no-change,.v-improvement{color:#2e7d32}.s-failed,.s-timeout,.s-interrupted,.v-regression{color:#c62828;font-weight:600}
-.v-too-little-history,.v-not-judged{color:#777}code{background:#f5f5f5;padding:0 3px}
+.v-too-little-history,.v-not-judged{color:#777}.v-machine-change,.v-straggler{color:#e65100}code{background:#f5f5f5;padding:0 3px}
 footer{color:#777;padding:12px 24px;font-size:12px}
 """
 

@@ -18,7 +18,7 @@
                                             communication formula
     before any run       bench/plan/        memory, communication and step time of any layout at any scale
     on a new GPU         bench/gpu_check/   python -m bench.gpu_check: every CUDA path in one short table
-    the history as a site bench/dashboard/  model (read the DB once), judgements, charts (bokeh), pages, build;
+    the history, a site  bench/dashboard/   model (read the DB once), judgements, charts (bokeh), pages, build;
                                             browser (headless Chromium over DevTools), measure, libcompare
 
 Dependencies point down this list and into isp_core, never back (tests/unit/test_architecture.py).

@@ -47,8 +47,16 @@ def dates(n: int = NIGHTS) -> list[str]:
     return [(first + datetime.timedelta(days=i)).isoformat() for i in range(n)]
 
 
-def page(head: str, body: str) -> str:
-    return f"<!doctype html><html><head><meta charset='utf-8'>{head}<script>{DONE_JS}</script></head><body>{body}</body></html>"
+def write_page(out: Path, name: str, script: str, draw: str, payloads: list[dict], div_style: str = "") -> Path:
+    """A page loading `script` and drawing each payload into its own div; `draw(P[i], 'c'+i)` is
+    the library's call, awaited before the next chart starts."""
+    divs = "".join(f"<div id='c{i}' style='{div_style}'></div>" for i in range(len(payloads)))
+    calls = f"(async()=>{{for(let i=0;i<__P.length;i++){{await {draw};await done()}}}})()"
+    path = out / f"{name}.html"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><script src='{script}'></script>"
+                    f"<script>{DONE_JS}</script></head><body>{divs}<script>const __P={json.dumps(payloads)};"
+                    f"{calls}</script></body></html>")
+    return path
 
 
 def plotly_pages(out: Path) -> dict[str, Path]:
@@ -73,16 +81,9 @@ def plotly_pages(out: Path) -> dict[str, Path]:
         cell.append(fig(traces, f"metric {c}"))
     stress = [fig([{"x": x, "y": series(s), "mode": "lines", "name": f"cell{s:02d}", "type": "scattergl"}
                    for s in range(SERIES)], "50 series")]
-    return {name: _plotly_page(out, name, figs) for name, figs in (("cell", cell), ("stress", stress))}
-
-
-def _plotly_page(out: Path, name: str, figs: list[dict]) -> Path:
-    divs = "".join(f"<div id='c{i}'></div>" for i in range(len(figs)))
-    calls = "(async()=>{for(let i=0;i<__F.length;i++){await Plotly.newPlot('c'+i,__F[i].data,__F[i].layout);await done()}})()"
-    html = page("<script src='plotly.min.js'></script>", f"{divs}<script>const __F={json.dumps(figs)};{calls}</script>")
-    path = out / f"plotly_{name}.html"
-    path.write_text(html)
-    return path
+    draw = "Plotly.newPlot('c'+i,__P[i].data,__P[i].layout)"
+    return {name: write_page(out, f"plotly_{name}", "plotly.min.js", draw, figs)
+            for name, figs in (("cell", cell), ("stress", stress))}
 
 
 def bokeh_pages(out: Path) -> dict[str, Path]:
@@ -116,16 +117,9 @@ def bokeh_pages(out: Path) -> dict[str, Path]:
         p.line(x, series(s), legend_label=f"cell{s:02d}", color=Category20[20][s % 20])
     p.add_layout(p.legend[0], "right")
     p.legend.click_policy = "hide"
-    return {name: _bokeh_page(out, name, items) for name, items in (("cell", cell), ("stress", [json_item(p)]))}
-
-
-def _bokeh_page(out: Path, name: str, items: list[dict]) -> Path:
-    divs = "".join(f"<div id='c{i}'></div>" for i in range(len(items)))
-    calls = "(async()=>{for(let i=0;i<__I.length;i++){await Bokeh.embed.embed_item(__I[i],'c'+i);await done()}})()"
-    html = page("<script src='bokeh.min.js'></script>", f"{divs}<script>const __I={json.dumps(items)};{calls}</script>")
-    path = out / f"bokeh_{name}.html"
-    path.write_text(html)
-    return path
+    draw = "Bokeh.embed.embed_item(__P[i],'c'+i)"
+    return {name: write_page(out, f"bokeh_{name}", "bokeh.min.js", draw, items)
+            for name, items in (("cell", cell), ("stress", [json_item(p)]))}
 
 
 def vega_pages(out: Path) -> dict[str, Path]:
@@ -153,16 +147,9 @@ def vega_pages(out: Path) -> dict[str, Path]:
         x="night:T", y=alt.Y("value:Q", scale=alt.Scale(zero=False)), color="series:N",
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.1)), tooltip=["series:N", "night:T", "value:Q"]
     ).add_params(pick).properties(width="container", height=280, title="50 series").to_dict()
-    return {name: _vega_page(out, name, specs) for name, specs in (("cell", cell), ("stress", [stress]))}
-
-
-def _vega_page(out: Path, name: str, specs: list[dict]) -> Path:
-    divs = "".join(f"<div id='c{i}' style='width:95%'></div>" for i in range(len(specs)))
-    calls = "(async()=>{for(let i=0;i<__S.length;i++){await vegaEmbed('#c'+i,__S[i],{renderer:'canvas'});await done()}})()"
-    html = page("<script src='vega.js'></script>", f"{divs}<script>const __S={json.dumps(specs)};{calls}</script>")
-    path = out / f"vega_{name}.html"
-    path.write_text(html)
-    return path
+    draw = "vegaEmbed('#c'+i,__P[i],{renderer:'canvas'})"
+    return {name: write_page(out, f"vega_{name}", "vega.js", draw, specs, "width:95%")
+            for name, specs in (("cell", cell), ("stress", [stress]))}
 
 
 BUILDERS: dict[str, Callable[[Path], dict[str, Path]]] = {

@@ -125,3 +125,15 @@ def test_run_page_has_summary_changes_and_verdict(site: dict, browser: Browser) 
     assert page.evaluate("document.querySelectorAll('table').length") >= 3  # verdict, summary, env diff
     page.screenshot(site["shots"] / "run.png")
     page.close()
+
+
+def test_measure_reports_weight_and_load_time(site: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.dashboard import measure
+
+    assert measure.main([str(site["out"]), "--repeat", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    by = {r[0].strip(): [c.strip() for c in r] for r in rows[2:]}  # after the header and its rule
+    assert set(by) == {"index", "cell", "run"}
+    bokeh_kib = (site["out"] / "assets" / "bokeh.min.js").stat().st_size / 1024
+    assert float(by["cell"][2].replace(",", "")) > bokeh_kib  # the page and the script it loads
+    assert float(by["cell"][4]) > 0 and by["index"][4] == "-"  # a first chart only where there are charts

@@ -96,7 +96,7 @@ def values(record: dict[str, Any]) -> list[Value]:
     return out
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     """Map(String, String) values: strings as they are, anything else as JSON, None as ''."""
     if value is None:
         return ""
@@ -111,15 +111,15 @@ def layout(record: dict[str, Any]) -> str:
 def facts(run: Run, record: dict[str, Any]) -> dict[str, str]:
     """What a consumer needs beside a number: the swept keys, strategy, layout, device, env."""
     cfg = record.get("config") or {}
-    out = {f"swept.{k}": _text(v) for k, v in sorted((record.get("swept") or {}).items())}
+    out = {f"swept.{k}": as_text(v) for k, v in sorted((record.get("swept") or {}).items())}
     out.update({
         "config": run.config_name, "run": run.name, "cell": record["cell"],
-        "strategy": _text(lookup(cfg, "parallel.strategy")), "layout": layout(record),
-        "device": _text(lookup(cfg, "run.device")), "backend": _text(lookup(cfg, "run.backend")),
-        "attention": _text(lookup(record.get("metrics"), "attention.backend")),
-        "started_utc": _text(record.get("started_utc")),
+        "strategy": as_text(lookup(cfg, "parallel.strategy")), "layout": layout(record),
+        "device": as_text(lookup(cfg, "run.device")), "backend": as_text(lookup(cfg, "run.backend")),
+        "attention": as_text(lookup(record.get("metrics"), "attention.backend")),
+        "started_utc": as_text(record.get("started_utc")),
     })
-    out.update({f"env.{k}": _text(run.env.get(k)) for k in ENV_FACTS})
+    out.update({f"env.{k}": as_text(run.env.get(k)) for k in ENV_FACTS})
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.results.export_common import SUITE, Value, facts, values, write_json
+from bench.results.export_common import SUITE, Value, as_text, facts, values, write_json
 from bench.results.records import Run, lookup, metric_value
 
 MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "vocab", "mlp_hidden", "checkpoint")
@@ -14,7 +14,7 @@ MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "vocab", "mlp_hidden", "c
 
 def _strings(mapping: dict[str, Any]) -> dict[str, str]:
     # The database's extra_info columns are Map(String, String).
-    return {k: v if isinstance(v, str) else ("" if v is None else str(v)) for k, v in mapping.items()}
+    return {k: as_text(v) for k, v in mapping.items()}
 
 
 def pytorch_oss_records(run: Run) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """ISP Bench: the benchmark harness around isp_core. Folders follow a cell's way through the program:
 
-    run_bench.py      -> bench/cli/         argument parsing only: main (sweep), compare, history, nightly, plan
+    run_bench.py      -> bench/cli/         argument parsing only: main (sweep), compare, history, nightly, plan,
+                                            export, dashboard
     1. what to run       bench/config/      rules and schema (sections), checks, cell, YAML file + --set, matrix,
                                             limits (alias bombs, cell count, name length)
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
@@ -14,11 +15,14 @@
     5. read and judge    bench/results/     records (writer and reader), torn, report, plots, compare, render,
                                             verdict, history (+ history_rows, acks), changepoint, series_state
                                             (open regressions), nightly_series (machine / straggler / code),
-                                            loss_nights, nightly, straggler_line, gate_rules, gate_accuracy
+                                            loss_nights, nightly, straggler_line, gate_rules, gate_accuracy,
+                                            export (pytorch-oss, github-action-benchmark, tensorboard)
     what trains          bench/strategies/  registry of isp, fsdp2, ddp, ulysses: each a trainer and its
                                             communication formula
     before any run       bench/plan/        memory, communication and step time of any layout at any scale
     on a new GPU         bench/gpu_check/   python -m bench.gpu_check: every CUDA path in one short table
+    the history, a site  bench/dashboard/   model (read the DB once), judgements, charts (bokeh), pages, build;
+                                            browser (headless Chromium over DevTools), measure, libcompare
 
 Dependencies point down this list and into isp_core, never back (tests/unit/test_architecture.py).
 """

@@ -33,7 +33,7 @@ from bench.sweep.nodes import DEFAULT_RDZV_TIMEOUT_S
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
 SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history", "nightly": "bench.cli.nightly",
-               "plan": "bench.cli.plan"}
+               "plan": "bench.cli.plan", "export": "bench.cli.export", "dashboard": "bench.cli.dashboard"}
 WORKER_ENV = "ISP_BENCH_WORKER"  # module run by torchrun per cell; tests point it at a stand-in
 
 
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="run_bench.py",
         description="Run an ISP Bench sweep: one torchrun job per cell of a YAML matrix. "
                     "Also: run_bench.py compare ..., run_bench.py history ..., run_bench.py nightly ..., "
-                    "run_bench.py plan ... (docs/plan.md)",
+                    "run_bench.py plan ... (docs/plan.md), run_bench.py export ... (docs/export.md), "
+                    "run_bench.py dashboard ... (docs/dashboard.md)",
         epilog="Keys are documented in docs/config.md, runs and --resume in docs/runs.md. Exit: 0 ok, "
                "1 a cell failed, 2 config error or run folder in use, 3 results unwritable, 130 interrupted.")
     p.add_argument("config", nargs="?", type=Path, help="YAML sweep (default: the embedded bench/default.yaml)")

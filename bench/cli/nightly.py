@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, metavar="RUN_DIR", help="judge this finished run instead of running one")
     p.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"history DB (default {DEFAULT_DB})")
     p.add_argument("--format", choices=("md", "json"), default="md", help="what to print (both are written)")
+    p.add_argument("--dashboard", type=Path, metavar="DIR",
+                   help="then refresh the static dashboard in DIR from the DB (docs/dashboard.md)")
     p.add_argument("--min-history", type=_positive, default=s.min_history, metavar="K",
                    help=f"earlier runs a series needs to be judged; fewer exits 3 (default {s.min_history})")
     p.add_argument("--recent", type=_positive, default=s.recent, metavar="N",
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
     try:
+        if args.dashboard is not None and (refused := _dashboard_refused(args.dashboard)):
+            print(f"--dashboard: {refused}", file=sys.stderr)  # before the sweep, not after it
+            return EXIT_BAD_INPUT
         run_dir = args.run if args.run is not None else _sweep(args)
         record_run(args.db, run_dir)
         run = load_run(run_dir)
@@ -125,4 +130,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.db}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _write(Path(run_dir), result, args.format)
+    if args.dashboard is not None:
+        _refresh(args)
     return result.exit_code
+
+
+def _dashboard_refused(out: Path) -> str | None:
+    from bench.dashboard.build import DashboardError, check_out  # bokeh only when a dashboard is asked for
+
+    try:
+        check_out(out)
+    except DashboardError as exc:
+        return str(exc)
+    return None
+
+
+def _refresh(args: argparse.Namespace) -> None:
+    """The verdict stands whatever happens here: a failed refresh is reported, not fatal."""
+    from bench.dashboard.build import DashboardError, build
+
+    try:
+        built = build(args.db, args.dashboard, detector_settings(args))
+        print(f"dashboard: {built.out / 'index.html'}", file=sys.stderr)
+    except (DashboardError, OSError, sqlite3.DatabaseError) as exc:
+        print(f"--dashboard: not refreshed: {exc}", file=sys.stderr)

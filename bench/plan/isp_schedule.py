@@ -1,31 +1,24 @@
-"""The operations of one ISP training step, in the order isp_core issues them.
-
-Mirrors isp_core/isp_communicator.py (see its docstring) and engine.ISPTrainer. A gather unit is
-one linear (wp_unit "module", InternEvo) or a whole block's linears in one flat buffer ("block").
-Per micro-step:
+"""The operations of one ISP training step, in the order isp_core issues them (isp_core's
+isp_communicator.py and engine.ISPTrainer). A gather unit is one linear (wp_unit "module",
+InternEvo) or a block's linears in one flat buffer ("block"). Per micro-step:
 
 forward   embedding all-gather (sync); block 0's units launched before block 0; per block: norm,
           wqkv, the q and kv all-to-alls (sync), attention, the output all-to-all (sync), the next
           block's units launched at `launch_allgather_before` (wo by default), wo, norm, w1, w3,
-          SwiGLU, w2; each linear waits for its unit, a unit is released after its last module.
-          Head: all-gather (sync), matmul; vocab_parallel: logits all-to-all and the loss with its
-          three all-reduces; gathered: a local loss over the rank's own tokens.
-backward  loss (and the logits all-to-all), head all-gather, matmul, reduce-scatter (sync);
-          blocks last to first: a checkpointed block is recomputed first (the last checkpointed
-          block launches its own units, a recompute launches the previous block's, and keeps
-          what it gathered for its backward); each module waits for its unit and launches the
-          previous unit (only into non-checkpointed blocks), computes; a unit's gradient is
-          reduce-scattered asynchronously once its last gradient is in (each linear, or the
-          block after wqkv); the embedding gathered again (InternEvo's, unless
-          embedding_backward_gather is off), its gradient reduce-scattered (sync); every
-          outstanding reduce-scatter is waited.
-Without overlap nothing is prefetched and every collective blocks; with "module" a
-checkpointed block's recompute gathers again, with "block" it keeps its unit.
-Step end: bench/plan/grad_sync.py (the data-parallel reduction, AdamW, zero1).
-
-The bytes of every call come from the model's shapes; `build` checks the sum per group and kind
-against isp_core.comm_formula.predicted_comm (the step end against grad_sync's own sizes) and
-fails on any difference.
+          SwiGLU, w2; each linear waits for its unit, released after its last module. Head:
+          all-gather (sync), matmul; vocab_parallel: logits all-to-all and a loss with three
+          all-reduces; gathered: a local loss over the rank's own tokens.
+backward  loss (and the logits all-to-all), head all-gather, matmul, reduce-scatter (sync); blocks
+          last to first, a checkpointed block recomputed first (the last one launches its own
+          units, a recompute the previous block's, keeping what it gathered); each module waits
+          for its unit and launches the previous unit (only into non-checkpointed blocks); a
+          unit's gradient is reduce-scattered asynchronously once its last gradient is in; the
+          embedding gathered again (InternEvo's, unless embedding_backward_gather is off), its
+          gradient reduce-scattered (sync); every outstanding reduce-scatter waited.
+Without overlap nothing is prefetched and every collective blocks; with "module" a recompute
+gathers again, with "block" it keeps its unit. Step end: bench/plan/grad_sync.py.
+`build` checks the calls and bytes per group and kind against isp_core.comm_formula (the step end
+against grad_sync's own sizes) and fails on any difference.
 """
 
 from __future__ import annotations

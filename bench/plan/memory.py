@@ -17,14 +17,15 @@ activations per block, per token
       1/rms), FlashAttention (q, k, v, out, log-sum-exp), the SwiGLU's three mlp-wide tensors
       and w2's input: an assumption from the kernels' saved tensors, not measured here
   a checkpointed block keeps its input only (T hidden E) until its recompute, when one block's
-  full activations come back (checkpoint: the first fraction of blocks, full = 1.0)
+  full activations come back, late in the backward (checkpoint: the first fraction of blocks)
 logits and loss
-  bench: the head output and its all-to-all copy (E each) and the float32 softmax the chunked
-      loss saves, T vocab (2E + 8); the peers' plain head T vocab (E + 8)
+  bench: the logits (E), their all-to-all copy with a vocab-parallel head over sp > 1 (E), and
+      the chunked loss's float32 tensor (4), T vocab (E + 4) or (2E + 4); during the loss's
+      backward the logits' gradient (T vocab E) and the head's full weight gradient join them
   internevo: FlashAttention's fused cross-entropy works in place: the head output and its
       all-to-all copy, T vocab 2E
-The step peaks at the end of the forward (activations and logits alive), the end of the
-backward (ISP with overlap still holds the full gradient of every block linear until
+The step peaks at the end of the forward or in the loss's backward (activations and logits
+alive), at the end of the backward (ISP with overlap still holds the full gradient of every block linear until
 collect_reduce_scatter(), each pending reduce-scatter keeping its input) or the optimizer step
 (the float32 gradient copies). `runtime` (CUDA context and NCCL, or on CPU the interpreter,
 torch and gloo) and the caching allocator's reserve (a fraction of the allocated peak) come on
@@ -52,7 +53,7 @@ def activation_bytes_per_token(cfg: LlamaConfig, E: int, framework: str = "bench
 class MemoryPlan:
     components: dict[str, float]  # at the peak moment
     peak_bytes: float             # what must fit: allocated + allocator reserve + runtime
-    moment: str                   # "end of forward", "end of backward" or "optimizer step"
+    moment: str                   # "end of forward", "loss backward", "end of backward", "optimizer step"
     moments: dict[str, dict[str, float]]  # every moment's components
     allocated_bytes: float = 0.0  # the model's own tensors at the peak (torch's max allocated)
 
@@ -71,23 +72,43 @@ class Optimizer:
         masters = 0 if fp32_shards or (E == 4 and not self.master_fp32) else 4
         return elements * (8 + masters) / self.zero1
 
-    def step_grads(self, elements: float, E: int) -> float:
-        """The float32 gradient copies alive during the step (none when gradients are float32)."""
+    def step_grads(self, elements: float, E: int, largest: float) -> float:
+        """What the step allocates beyond the gradients: float32 copies of them (bfloat16 masters),
+        and torch's AdamW's temporaries, two float32 tensors of the largest parameter (measured
+        on torch 2.13's AdamW with the CPU allocator, tests/unit/test_plan_memory.py); InternEvo:
+        the partition's float32 gradients and two reduction buckets."""
         if self.framework == "internevo":
             return elements * 4 / self.zero1 + 2 * min(BUCKET_BYTES, elements * E)
-        return elements * 4 if E != 4 else 0.0
+        return (elements * 4 if E != 4 else 0.0) + 2 * 4 * largest / self.zero1
 
 
 def activations(cfg: LlamaConfig, T: int, E: int, framework: str = "bench") -> float:
+    """Alive at the end of the forward: every block's, a checkpointed block's input only."""
     ckpt = cfg.ckpt_blocks
     full = activation_bytes_per_token(cfg, E, framework) * T
-    return (cfg.layers - ckpt) * full + ckpt * T * cfg.hidden * E + (full if ckpt else 0.0)
+    return (cfg.layers - ckpt) * full + ckpt * T * cfg.hidden * E
 
 
-def _logits(cfg: LlamaConfig, T: int, E: int, framework: str, sp: int, isp_head: bool) -> float:
+def _backward_activations(cfg: LlamaConfig, T: int, E: int, framework: str) -> float:
+    """Late in the backward: the checkpointed inputs and one recomputed block (else two [T, h])."""
+    ckpt = cfg.ckpt_blocks
+    full = activation_bytes_per_token(cfg, E, framework) * T
+    return ckpt * T * cfg.hidden * E + (full if ckpt else 2 * T * cfg.hidden * E)
+
+
+def _logits(cfg: LlamaConfig, T: int, E: int, framework: str, exchanged: bool) -> float:
+    """What the head and loss keep for backward: the logits (E), their all-to-all copy when the
+    head is vocab-parallel over sp > 1 (E), and the chunked loss's float32 tensor (4)."""
     if framework == "internevo":
         return T * cfg.vocab * 2 * E
-    return T * cfg.vocab * ((2 * E + 8) if isp_head else (E + 8))
+    return T * cfg.vocab * ((2 * E if exchanged else E) + 4)
+
+
+def _loss_backward(forward: dict[str, float], T: int, vocab: int, table: float, E: int) -> dict[str, float]:
+    """The loss's backward: every activation still alive, plus the logits' gradient and the head
+    weight's full gradient (measured: tests/unit/test_plan_memory.py)."""
+    return {**forward, "gradients": forward["gradients"] + table * E, "comm_buffers": forward["comm_buffers"]
+            + T * vocab * E}
 
 
 def _peak(moments: dict[str, dict[str, float]], reserve: float) -> MemoryPlan:
@@ -117,13 +138,15 @@ def isp_memory(cfg: LlamaConfig, T: int, wp: int, sp: int, overlap: bool, memory
     common = {"runtime": runtime, "weight_shards": shard * E, "optimizer_state": opt.state(shard, E)}
     forward = {**common, "gathered_weights": (gathered_fwd + head_gathered) * E, "gradients": grads_shard,
                "activations": activations(cfg, T, E, opt.framework),
-               "logits_loss": _logits(cfg, T, E, opt.framework, sp, True), "comm_buffers": comm}
+               "logits_loss": _logits(cfg, T, E, opt.framework, sp > 1 and vocab_parallel), "comm_buffers": comm}
     held_full = cfg.layers * block if (overlap and wp > 1) else max(linears)
     backward = {**common, "gathered_weights": (2 * block if (wp > 1 and memory_pool and overlap) else 0.0) * E,
                 "gradients": shard * E + held_full * E + (cfg.layers * block / wp * E if overlap and wp > 1 else 0.0),
-                "activations": T * cfg.hidden * E * 2, "logits_loss": 0.0, "comm_buffers": 0.0}
-    step = {**common, "gradients": shard * E, "comm_buffers": opt.step_grads(shard, E)}
-    return _peak({"end of forward": forward, "end of backward": backward, "optimizer step": step}, reserve)
+                "activations": _backward_activations(cfg, T, E, opt.framework), "logits_loss": 0.0,
+                "comm_buffers": 0.0}
+    step = {**common, "gradients": shard * E, "comm_buffers": opt.step_grads(shard, E, max(max(linears), table) / wp)}
+    return _peak({"end of forward": forward, "loss backward": _loss_backward(forward, T, cfg.vocab, table, E),
+                  "end of backward": backward, "optimizer step": step}, reserve)
 
 
 def peer_memory(strategy: str, cfg: LlamaConfig, T: int, world: int, E: int, micro_num: int, runtime: float,
@@ -142,12 +165,15 @@ def peer_memory(strategy: str, cfg: LlamaConfig, T: int, world: int, E: int, mic
     gathered = (root_elements + (2 if gpu else 1) * block_elements) if sharded else 0.0
     grads = params * grad_E if micro_num > 1 else 0.0
     forward = {**common, "gathered_weights": gathered * E, "gradients": grads,
-               "activations": activations(cfg, T, E), "logits_loss": _logits(cfg, T, E, "bench", 1, False),
+               "activations": activations(cfg, T, E), "logits_loss": _logits(cfg, T, E, "bench", False),
                "comm_buffers": 0.0}
     bucket = total_elements * E if strategy == "ddp" and world > 1 else 0.0
     backward = {**common, "gathered_weights": (root_elements + block_elements) * E if sharded else 0.0,
                 "gradients": params * grad_E + (2 * block_elements * E if sharded else 0.0),
-                "activations": T * cfg.hidden * E * 2, "logits_loss": 0.0, "comm_buffers": bucket}
+                "activations": _backward_activations(cfg, T, E, "bench"), "logits_loss": 0.0, "comm_buffers": bucket}
     step = {**common, "gradients": params * grad_E,
-            "comm_buffers": 0.0 if sharded else opt.step_grads(params, E)}
-    return _peak({"end of forward": forward, "end of backward": backward, "optimizer step": step}, reserve)
+            "comm_buffers": opt.step_grads(0 if sharded else params, 4 if sharded else E,
+                                           root_elements / 2 / (world if sharded else 1))}  # the table
+    loss = _loss_backward(forward, T, cfg.vocab, cfg.vocab * cfg.hidden, E)
+    return _peak({"end of forward": forward, "loss backward": loss, "end of backward": backward,
+                  "optimizer step": step}, reserve)

@@ -3,7 +3,9 @@
 Per cell: step time (median), exposed communication, communication time per kind (traced) and
 peak memory, each {"predicted", "measured", "error"} with error = predicted / measured - 1
 (None where the measurement is 0 or missing). Then the median absolute error per figure and
-Kendall's tau between predicted and measured step-time order (tau-b, scipy).
+Kendall's tau between predicted and measured step-time order (tau-b, scipy). Each cell also
+carries `started_utc` and `recorded`, the metrics.plan the runner wrote when it ran (its own
+hardware file's prediction), so the error can be followed over a history of runs.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def validate(records: list[dict[str, Any]], configs: dict[str, Any], inputs: Pla
         entry = compare(record["cell"], predict(record["cell"], config, inputs), record["metrics"],
                         config.run.device == "cuda")
         entry["run"] = record.get("run")
+        # what the runner predicted when the cell ran (metrics.plan), for error over time
+        entry["started_utc"] = record.get("started_utc")
+        entry["recorded"] = (record.get("metrics") or {}).get("plan")
         entry["calibration"] = f"{record.get('run')}/{record['cell']}" in (calibration or [])
         cells.append(entry)
     return summary(cells)

@@ -9,8 +9,9 @@ weight group (wp > 1)
                   block's recompute gathers again only without overlap: with overlap the
                   recompute's gather is kept for the backward); wp_unit "block": one gather
                   of all the block's linears together, forward 1 + backward 1 (the recompute's
-                  gather is always kept); head 2 (forward, backward); embedding 1 (forward
-                  only); bytes = full tensor(s) x E
+                  gather is always kept); head 2 (forward, backward); embedding 2 (forward,
+                  and again in backward as InternEvo does; 1 with embedding_backward_gather
+                  False); bytes = full tensor(s) x E
   reduce_scatter  each linear (or each block, with "block"), head and embedding once;
                   bytes = full gradient(s) x E
 sequence group (sp > 1)
@@ -43,7 +44,8 @@ def _linear_shapes(cfg: LlamaConfig) -> list[int]:
 
 def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, wp: int, overlap: bool,
                    element_size: int, retain_out_sharded: bool = True, wp_unit: str = "module",
-                   head: str = "vocab_parallel") -> dict[str, dict[str, dict[str, int]]]:
+                   head: str = "vocab_parallel",
+                   embedding_backward_gather: bool = True) -> dict[str, dict[str, dict[str, int]]]:
     """{group: {kind: {"calls": n, "bytes": b}}} for one training step on one rank."""
     if wp_unit not in ("module", "block") or head not in ("vocab_parallel", "gathered"):
         raise ValueError(f"wp_unit={wp_unit!r} (module|block), head={head!r} (vocab_parallel|gathered)")
@@ -72,7 +74,7 @@ def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, w
                 add("weight", "reduce_scatter", micro, numel * E)
         add("weight", "all_gather", 2 * micro, table * E)      # head
         add("weight", "reduce_scatter", micro, table * E)
-        add("weight", "all_gather", micro, table * E)          # embedding
+        add("weight", "all_gather", (2 if embedding_backward_gather else 1) * micro, table * E)  # embedding
         add("weight", "reduce_scatter", micro, table * E)
     if sp > 1:
         d = cfg.head_dim

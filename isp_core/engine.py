@@ -54,6 +54,7 @@ class ISPSettings:
     head: str = "vocab_parallel"           # "vocab_parallel" | "gathered" (see head_embedding)
     forward_overlap_per: str = "layer"     # "layer" | "module": forward prefetch granularity
     launch_allgather_before: str = "wo"    # "wqkv" | "attn" | "wo" | "w1": launches the next block
+    embedding_backward_gather: bool = True  # InternEvo gathers the embedding again in backward
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_MODES:
@@ -140,7 +141,8 @@ def build_isp_model(cfg: LlamaConfig, topo: ParallelTopology, settings: ISPSetti
     head_comm = (GatheredHeadCommunicator(topo.weight) if settings.head == "gathered" else
                  HeadWeightParallelCommunicator(topo.weight, topo.sequence, settings.retain_out_sharded))
     model.output.communicator = head_comm
-    emb_comm = EmbeddingWeightParallelCommunicator(topo.weight, settings.vocab_parallel_embedding)
+    emb_comm = EmbeddingWeightParallelCommunicator(topo.weight, settings.vocab_parallel_embedding,
+                                                   settings.embedding_backward_gather)
     emb_comm.register_module_hook(model.tok_embeddings)
     return ISPModel(model, topo, comm, ISPCommunicatorSchedulerHook(comm), head_comm, emb_comm)
 

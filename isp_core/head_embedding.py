@@ -10,9 +10,13 @@ cross-entropy over them: no logits all-to-all, no loss all-reduces.
 
 Embedding: weight [vocab, hidden] sharded over the weight group on dim 0 (vocab-parallel)
 or dim 1 (hidden-parallel), gathered along that dim in forward; its gradient is
-reduce-scattered (AVG) along the same dim. InternEvo also re-gathers the weight in backward,
-only because it swaps `weight.data` for the full tensor; the embedding's backward needs the
-token ids alone, so this implementation does not repeat that transfer.
+reduce-scattered (AVG) along the same dim. By default the weight is gathered a second time
+at the start of the embedding's backward, as InternEvo's EmbeddingWeightParallelCommunicator
+does (its post-forward hook swaps `weight.data` back to the shard, and the backward of that
+hook gathers the full table again before autograd computes the table's gradient), so the
+traffic is InternEvo's. The gathered table is not read: the gradient of a lookup needs only
+the token ids. `backward_gather=False` skips that transfer (`parallel.embedding_backward_gather:
+false`), a saving of vocab x hidden x element size per micro-step that InternEvo could take.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ class HeadLinear(WeightParallelLinear):
 
 class _EmbeddingFn(torch.autograd.Function):
     """forward: gather the full table along `dim`, look the tokens up.
-    backward: dense table gradient, reduce-scattered (AVG) back to this rank's shard.
+    backward: gather the table again (InternEvo's, unless the communicator skips it), dense
+    table gradient, reduce-scattered (AVG) back to this rank's shard.
     """
 
     @staticmethod
@@ -94,14 +99,17 @@ class _EmbeddingFn(torch.autograd.Function):
         full = all_gather(shard, comm.group, dim=comm.gather_dim, label="embedding").wait()
         ctx.save_for_backward(tokens)
         ctx.comm, ctx.full_shape = comm, full.shape
+        ctx.shard_for_backward = shard.detach() if comm.backward_gather else None
         return F.embedding(tokens, full)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (tokens,) = ctx.saved_tensors
+        comm = ctx.comm
+        if comm.backward_gather:  # InternEvo's second gather; its result is not needed (see above)
+            all_gather(ctx.shard_for_backward, comm.group, dim=comm.gather_dim, label="embedding.backward").wait()
         grad_full = grad_out.new_zeros(ctx.full_shape)
         grad_full.index_add_(0, tokens.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
-        comm = ctx.comm
         grad_shard = reduce_scatter(grad_full, comm.group, dim=comm.gather_dim, label="embedding").wait()
         return None, grad_shard, None
 
@@ -114,9 +122,10 @@ class EmbeddingWeightParallelCommunicator:
     """
 
     def __init__(self, weight_process_group: Union[CommGroup, dist.ProcessGroup],
-                 vocab_parallel: bool = True) -> None:
+                 vocab_parallel: bool = True, backward_gather: bool = True) -> None:
         self.group = as_comm_group(weight_process_group, "weight")
         self.gather_dim = 0 if vocab_parallel else 1
+        self.backward_gather = backward_gather  # InternEvo's second gather of the table in backward
 
     def register_module_hook(self, module: "ParallelEmbedding") -> None:
         module.communicator = self

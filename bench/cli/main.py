@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-profile", type=Path, metavar="RUN_DIR",
                    help="a run with collectives cells (docs/collectives.md): training cells record their "
                         "communication roofline from its tables")
+    p.add_argument("--hardware", type=Path, metavar="FILE",
+                   help="hardware file each record's metrics.plan predicts on (docs/plan.md; default: the shipped "
+                        "configs/hardware file matching the recorded GPU, else metrics.plan says why it is missing)")
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG to torchrun, e.g. --torchrun-arg=--nnodes=2 "
                         "--torchrun-arg=--rdzv-endpoint=host:29500 (default: --standalone)")
@@ -145,6 +148,13 @@ def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, P
         why = (f"--link-profile {args.link_profile}: no ok collectives cell in {args.link_profile / 'results.jsonl'}"
                "; allowed: a run folder of a collectives config")
         raise ConfigError([why])
+    if args.hardware is not None:  # a bad file is refused before any cell runs
+        from bench.plan.hardware import load_hardware
+
+        try:
+            load_hardware(args.hardware)
+        except ValueError as exc:
+            raise ConfigError([f"--hardware: {line}" for line in str(exc).splitlines()]) from None
     host = None if args.dry_run else probe_host(opts.nnodes)
     if spec is not None:
         return _run_on_nodes(args, spec, opts, host, command_line)
@@ -177,7 +187,8 @@ def _resume(args: argparse.Namespace, host: object, opts: LaunchOptions) -> tupl
 def _sweep(args: argparse.Namespace, run_dir: Path, bench: BenchConfig, cells: list[Cell],
            opts: LaunchOptions) -> tuple[int, Path]:
     print(f"{bench.name}: {len(cells)} cell(s) -> {run_dir}", flush=True)
-    code = runner.run_cells(run_dir, cells, opts, link_profile=args.link_profile, grace_s=args.grace_s)
+    code = runner.run_cells(run_dir, cells, opts, link_profile=args.link_profile, grace_s=args.grace_s,
+                            plan_hardware=args.hardware)
     try:
         print(report.write_summary(run_dir))
     except OSError as exc:
@@ -201,7 +212,8 @@ def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOp
 
     def sweep(run_dir: Path, cells: list[Cell], launcher: Callable[..., Outcome]) -> int:
         link = args.link_profile if spec.is_head else None
-        return runner.run_cells(run_dir, cells, opts, link_profile=link, grace_s=args.grace_s, launcher=launcher)
+        return runner.run_cells(run_dir, cells, opts, link_profile=link, grace_s=args.grace_s, launcher=launcher,
+                                plan_hardware=args.hardware)
 
     def summarize(run_dir: Path) -> None:
         print(report.write_summary(run_dir))

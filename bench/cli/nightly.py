@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--filter", metavar="REGEX")
     sweep.add_argument("--results-dir", type=Path, default=Path("results"))
     sweep.add_argument("--link-profile", type=Path, metavar="RUN_DIR")
+    sweep.add_argument("--hardware", type=Path, metavar="FILE", help="for metrics.plan (docs/plan.md)")
     sweep.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG")
     return p
 
@@ -88,6 +89,7 @@ def _sweep(args: argparse.Namespace) -> Path:
     sweep_args = argparse.Namespace(config=args.config, set=args.set, filter=args.filter, dry_run=False,
                                     resume=None, results_dir=args.results_dir, link_profile=args.link_profile,
                                     torchrun_arg=args.torchrun_arg, grace_s=GRACE_S, retry=RETRYABLE,
+                                    hardware=args.hardware,
                                     nnodes=None, node_rank=None, rdzv_endpoint=None,
                                     rdzv_timeout=DEFAULT_RDZV_TIMEOUT_S)
     _, run_dir = run_sweep(sweep_args, [sys.executable, sys.argv[0], "nightly", *sys.argv[2:]])

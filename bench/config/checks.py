@@ -61,6 +61,11 @@ def _layout_problems(cell: CellConfig) -> list[Problem]:
                                           "(kv heads are split or replicated over sp)"))
     if p.world_size % p.sp == 0:
         out += _batch_problems(cell)
+    wdp = p.world_size // p.wp if p.world_size % p.wp == 0 else 0
+    if wdp and p.zero1 != -1 and (p.zero1 < 1 or wdp % p.zero1):
+        out.append(Problem("parallel.zero1", f"zero1={p.zero1} with a weight-data group of world_size/wp={wdp}: "
+                                             f"allowed: -1 (the whole group) or a divisor of {wdp} "
+                                             f"({_divisors(wdp)})"))
     return out
 
 
@@ -222,6 +227,9 @@ def host_problems(cell: CellConfig, host: HostLimits) -> list[Problem]:
         out.append(Problem("parallel.world_size", f"{per_node} gloo ranks per node on {host.cpu_count} cores: "
                                                   "ranks beyond max(4, cpu count) only measure contention; "
                                                   f"allowed: <= {cap} per node"))
+    if p.zero1 != 1:  # InternEvo's optimizer-state sharding: planned (bench/plan), not run here
+        out.append(Problem("parallel.zero1", f"{p.zero1}: the trainers keep AdamW whole on every rank, so a "
+                                             "run needs 1; `run_bench.py plan` models any zero1 (docs/plan.md)"))
     if cell.nvml.enabled is True and (why := host.nvml_problem()):
         out.append(Problem("nvml.enabled", f"true but NVML cannot start here ({why}); "
                                            "allowed here: 'auto' or false"))

@@ -33,7 +33,8 @@ HEAD_MODES: tuple[str, ...] = ("vocab_parallel", "gathered")
 FORWARD_OVERLAP: tuple[str, ...] = ("layer", "module")
 LAUNCH_BEFORE: tuple[str, ...] = ("wo", "wqkv", "attn", "w1")
 ISP_ONLY_DEFAULTS: dict[str, object] = {"wp_unit": "module", "head": "vocab_parallel", "forward_overlap_per": "layer",
-                                        "launch_allgather_before": "wo"}
+                                        "launch_allgather_before": "wo", "embedding_backward_gather": True,
+                                        "zero1": 1}
 from bench.config.rules import (ConfigError, Problem, Rule, Section, _clip, _f, _show,  # noqa: F401
                                 field_problems, suggest)
 
@@ -78,6 +79,12 @@ class ParallelConfig(Section):
     launch_allgather_before: str = _f("wo", "str", "isp: module before which the next block's gathers start "
                                       "(layer prefetch); parallel.weight.launch_allgather_before",
                                       choices=LAUNCH_BEFORE)
+    embedding_backward_gather: bool = _f(True, "bool", "isp: gather the embedding again in backward, as InternEvo "
+                                         "does (false: the saving InternEvo could take, docs/isp-variants.md)")
+    # InternEvo's parallel.zero1.size. The trainers here keep AdamW whole on each rank (1); the
+    # planner also models -1 (the whole weight-data group) and sizes between (docs/plan.md).
+    zero1: int = _f(1, "int", "isp: optimizer-state sharding group (InternEvo parallel.zero1.size): 1 none, -1 "
+                    "the weight-data group, or a divisor of it; runs need 1, plan models any", lo=-1)
 
     def __post_init__(self) -> None:
         for name in ("sp", "wp"):

@@ -220,7 +220,7 @@ def runtime_bytes(record: dict[str, Any], config: Any) -> float:
     cfg, spec, E = llama(config.model), data_spec(config), ELEMENT_SIZE[config.run.dtype]
     p = config.parallel
     tokens = spec.micro_bsz(1) * spec.seq_len
-    modelled = isp_memory(cfg, tokens, 1, 1, p.overlap, p.memory_pool, E, spec.micro_num, 0.0).peak_bytes
+    modelled = isp_memory(cfg, tokens, 1, 1, p.overlap, p.memory_pool, E, spec.micro_num, 0.0).allocated_bytes
     return max(0.0, record["metrics"]["peak_memory_bytes"] - modelled)
 
 

@@ -20,7 +20,7 @@ class RunFolderError(ValueError):
 
 
 def plan(config: Path | None, overrides: list[str], hardware: Path | None, link_profile: Path | None, fmt: str,
-         peers: bool, master_fp32: bool) -> str:
+         peers: bool, master_fp32: bool, framework: str = "bench") -> str:
     from bench.config.matrix import load_config
     from bench.plan.planner import plan_cells
     from bench.plan.predict import PlanInputs
@@ -29,7 +29,8 @@ def plan(config: Path | None, overrides: list[str], hardware: Path | None, link_
     bench = load_config(config, overrides, host=None)  # host None: no device or NVML probe
     hw = load_hardware(hardware or DEFAULT_HARDWARE)
     curves = run_curves(link_profile) if link_profile else ()
-    result = plan_cells([(c.id, c.config) for c in bench.cells], PlanInputs(hw, curves, master_fp32=master_fp32),
+    result = plan_cells([(c.id, c.config) for c in bench.cells], PlanInputs(hw, curves, master_fp32=master_fp32,
+                                                                            framework=framework),
                         peers=peers)
     return render(result, fmt, hw.name)
 
@@ -68,21 +69,42 @@ def run_curves(run_dir: Path) -> tuple[MeasuredCurve, ...]:
     return parse_hardware(doc, str(run_dir)).curves
 
 
-def calibrated(run_dirs: list[Path]) -> dict[str, Any]:
+def _run_folders(path: Path) -> tuple[list[Path], list[Path]]:
+    """(run folders, gpu_check.json files) in PATH: a run folder itself, or a folder holding them
+    (the scratch folder of `python -m bench.gpu_check`: gpu_check.json beside its run folders)."""
+    checks = [path / "gpu_check.json"] if (path / "gpu_check.json").is_file() else []
+    if (path / "results.jsonl").is_file():
+        return [path], checks
+    runs = sorted(d for d in path.iterdir() if (d / "results.jsonl").is_file()) if path.is_dir() else []
+    if not runs and not checks:
+        raise RunFolderError(f"{path}: no results.jsonl and no gpu_check.json; allowed: a finished run folder "
+                             "under results/, or the scratch folder of python -m bench.gpu_check")
+    return runs, checks
+
+
+def calibrated(run_dirs: list[Path], hardware: Path | None = None) -> dict[str, Any]:
+    """A hardware document: on a GPU (CUDA cells or a gpu_check.json) the base file with measured
+    compute rates (bench/plan/calibrate_gpu.py), else this CPU host's (bench/plan/calibrate.py)."""
+    from bench.plan import calibrate_gpu
     from bench.plan.calibrate import calibrate
 
-    recs, env, configs = [], {}, {}
-    for run_dir in run_dirs:
-        r, e = records(run_dir)
-        recs += r
-        env = env or e
-        configs.update(training_configs(r))
+    recs, env, configs, checks = [], {}, {}, []
+    for path in run_dirs:
+        runs, found = _run_folders(path)
+        checks += [(c, calibrate_gpu.read_gpu_check(c)) for c in found]
+        for run_dir in runs:
+            r, e = records(run_dir)
+            recs += r
+            env = env or e
+            configs.update(training_configs(r))
+    if checks or any(c.run.device == "cuda" for c in configs.values()):
+        return calibrate_gpu.calibrate(recs, configs, env, checks, hardware)
     return calibrate(recs, configs, env)
 
 
-def calibration_yaml(run_dirs: list[Path]) -> str:
-    return ("# Made by `run_bench.py plan --calibrate` (docs/plan.md): this machine's measured rates and links.\n"
-            + yaml.safe_dump(calibrated(run_dirs), sort_keys=False, default_flow_style=None, width=120))
+def calibration_yaml(run_dirs: list[Path], hardware: Path | None = None) -> str:
+    return ("# Made by `run_bench.py plan --calibrate` (docs/plan.md): measured rates and links.\n"
+            + yaml.safe_dump(calibrated(run_dirs, hardware), sort_keys=False, default_flow_style=None, width=120))
 
 
 def validate(run_dirs: list[Path], calibration: list[Path], hardware: Path | None) -> dict[str, Any]:

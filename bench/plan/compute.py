@@ -44,7 +44,9 @@ class Rates:
 
 
 def rates_for(hw: Hardware, dtype: str, ranks_per_node: int) -> Rates:
-    """A rank's rates on `hw` for `dtype`, `ranks_per_node` ranks sharing one node."""
+    """A rank's rates on `hw` for `dtype`, `ranks_per_node` ranks sharing one node: a CPU
+    calibration's achieved rates, else per class the measured rate for the dtype (compute.measured)
+    or peak x efficiency; memory-bound pieces at memory_gbps x memory_efficiency."""
     if hw.achieved is not None:
         a = hw.achieved
         share = 1.0
@@ -56,13 +58,16 @@ def rates_for(hw: Hardware, dtype: str, ranks_per_node: int) -> Rates:
                      a["elementwise_gbps"] * 1e9 * share, a["loss_gbps"] * 1e9 * share,
                      a["optimizer_gbps"] * 1e9 * share, f"{hw.name}: calibrated rates x core share {share:.2f}",
                      share)
-    peak = hw.peak(dtype)
-    if peak is None:
-        raise ValueError(f"{hw.source}: compute.peak_tflops has no {dtype}; allowed here: "
-                         f"{', '.join(hw.peak_tflops)}")
+    peak, measured = hw.peak(dtype), hw.measured.get(dtype, {})
+    if peak is None and len(measured) < 2:
+        raise ValueError(f"{hw.source}: compute.peak_tflops has no {dtype} (and compute.measured has not both "
+                         f"rates for it); allowed here: {', '.join(hw.peak_tflops) or 'none'}")
     mem = (hw.memory_gbps or 0.0) * hw.memory_efficiency * 1e9
-    return Rates(peak * hw.efficiency["matmul"] * 1e12, peak * hw.efficiency["attention"] * 1e12,
-                 mem, mem, mem, f"{hw.name}: peak {peak:g} TFLOP/s x efficiency")
+    rate = {k: measured.get(f"{k}_tflops", (peak or 0.0) * hw.efficiency.get(k, 0.0)) * 1e12
+            for k in ("matmul", "attention")}
+    how = "; ".join(f"{k} {'measured' if f'{k}_tflops' in measured else f'peak {peak:g} x {hw.efficiency[k]:g}'}"
+                    f" = {rate[k] / 1e12:.0f} TFLOP/s" for k in ("matmul", "attention"))
+    return Rates(rate["matmul"], rate["attention"], mem, mem, mem, f"{hw.name}: {how}")
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,27 @@
 """Hardware files: what one device holds and computes, and how fast its links move bytes.
 
-A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with three sections:
+A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with these sections:
 
-    device:   name, memory_gib, reserved_gib (runtime: CUDA context, NCCL, allocator slack,
-              or on CPU the interpreter and torch), margin (fraction kept free), cores and
-              thread_scaling (CPU only: see compute.py)
-    compute:  either peak_tflops {dtype: TFLOP/s} + efficiency {matmul, attention} +
-              memory_gbps + memory_efficiency (a datasheet), or achieved {matmul_tflops,
-              attention_tflops, elementwise_gbps, loss_gbps, optimizer_gbps} (calibrated)
-    links:    gpus_per_node, intra {busbw_gbps, latency_us}, inter {busbw_gbps, latency_us},
-              optionally curves: measured [{op, group_size, sizes, times_s}] per op, and
-              call_overhead_us: host time before every collective call (0 by default), and
-              busy_latency_us {ranks per node: us}: what a call takes beyond its isolated link
-              time when that many ranks compute on the host (calibrated on CPU: gloo's threads
-              wait for cores and for the slower rank)
+    device:   name, matches (GPU names this file describes: run_bench.py picks the file whose
+              entry the recorded GPU name contains), memory_gib (what torch.cuda reports as the
+              device's total), reserved_gib (runtime: CUDA context, NCCL, or on CPU the
+              interpreter and torch), allocator_reserve (fraction of the allocated peak the
+              caching allocator holds on top: fragmentation), margin (fraction kept free),
+              cores and thread_scaling (CPU only: see compute.py)
+    compute:  a datasheet, peak_tflops {dtype: TFLOP/s} + efficiency {matmul, attention} +
+              memory_gbps + memory_efficiency; and/or measured {dtype: {matmul_tflops,
+              attention_tflops}} (a GPU run's profiled cell or gpu_check, `plan --calibrate`),
+              which replace peak x efficiency for those dtypes; or achieved {matmul_tflops,
+              attention_tflops, elementwise_gbps, loss_gbps, optimizer_gbps} (a CPU calibration)
+    links:    gpus_per_node, nics_per_node (default: one per GPU), intra {busbw_gbps,
+              latency_us} (NVLink per GPU, latency per ring step), inter {busbw_gbps, latency_us}
+              (one NIC, one direction; latency per inter-node step), base_latency_us (per call),
+              rail_optimized, oversubscription, algorithm (auto | ring | tree): bench/plan/links.py
+              derives a collective's bandwidth from them; optionally curves: measured [{op,
+              group_size, sizes, times_s}], call_overhead_us (host time per call) and
+              busy_latency_us {ranks per node: us} (calibrated on CPU: gloo waiting for cores)
+    assumptions: figures that are guesses rather than measurements or datasheet values, one line
+              each (`plan --published` prints them beside the predictions); notes: free-form
 
 Every problem is reported with the file, the key and what is allowed (exit 2 in the CLI).
 """
@@ -27,9 +35,7 @@ from typing import Any
 
 import yaml
 
-KINDS = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
-ACHIEVED_KEYS = ("matmul_tflops", "attention_tflops", "elementwise_gbps", "loss_gbps", "optimizer_gbps")
-
+from bench.plan import hardware_fields as f
 
 class HardwareError(ValueError):
     """A hardware file that cannot be used; each line names file, key and what is allowed."""
@@ -63,6 +69,18 @@ class MeasuredCurve:
 
 
 @dataclass(frozen=True)
+class Fabric:
+    """How a node reaches the others (bench/plan/links.py): NICs per node, each `inter`'s rate;
+    rail-optimized or not (NCCL_CROSS_NIC's distinction), spine oversubscription, ring or tree."""
+
+    nics_per_node: int
+    rail_optimized: bool = True
+    oversubscription: float = 1.0
+    algorithm: str = "auto"
+    base_latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Hardware:
     name: str
     memory_bytes: float
@@ -83,176 +101,80 @@ class Hardware:
     busy_latency_s: dict[int, float] = field(default_factory=dict)
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    fabric: Fabric | None = None              # None: one NIC per GPU, the defaults above
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # {dtype: {matmul_tflops, ...}}
+    allocator_reserve: float = 0.0
+    matches: tuple[str, ...] = ()
+    assumptions: tuple[str, ...] = ()
 
     def peak(self, dtype: str) -> float | None:
         return self.peak_tflops.get(dtype)
 
+    @property
+    def links(self) -> Fabric:
+        return self.fabric or Fabric(self.gpus_per_node)
 
-_MAY_BE_ZERO = ("reserved_gib", "margin", "latency_us", "thread_scaling", "call_overhead_us")
-
-
-class _Problems:
-    def __init__(self, path: str) -> None:
-        self.path, self.lines = path, []
-
-    def add(self, key: str, text: str) -> None:
-        self.lines.append(f"{self.path}: {key}: {text}")
+    def describes(self, gpu_name: str) -> bool:
+        """Whether a recorded GPU name (torch's, e.g. "NVIDIA H100 80GB HBM3") is this file's device."""
+        return any(m.lower() in gpu_name.lower() for m in self.matches)
 
 
-def _number(doc: dict, key: str, where: str, out: _Problems, required: bool = True, lo: float = 0.0,
-            hi: float | None = None) -> float | None:
-    value = doc.get(key) if isinstance(doc, dict) else None
-    if value is None:
-        if required:
-            out.add(f"{where}.{key}", "missing; allowed: a number" + (f" > {lo:g}" if lo == 0 else f" >= {lo:g}"))
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < lo or (lo == 0 and value == 0 and key not in _MAY_BE_ZERO) \
-            or (hi is not None and value > hi):
-        bound = f">= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        out.add(f"{where}.{key}", f"got {value!r}; allowed: a number {bound}")
-        return None
-    return float(value)
-
-
-def _section(doc: dict, name: str, out: _Problems, allowed: tuple[str, ...]) -> dict:
-    value = doc.get(name)
-    if not isinstance(value, dict):
-        out.add(name, f"missing or not a mapping; allowed keys: {', '.join(allowed)}")
-        return {}
-    for key in value:
-        if key not in allowed:
-            out.add(f"{name}.{key}", f"unknown key; allowed keys: {', '.join(allowed)}")
-    return value
-
-
-def _link(doc: dict, name: str, out: _Problems) -> Link | None:
-    raw = doc.get(name)
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        out.add(f"links.{name}", "not a mapping; allowed keys: busbw_gbps, latency_us")
-        return None
-    bw = _number(raw, "busbw_gbps", f"links.{name}", out)
-    lat = _number(raw, "latency_us", f"links.{name}", out)
-    return Link(bw, lat) if bw is not None and lat is not None else None
-
-
-def _curves(raw: Any, out: _Problems) -> tuple[MeasuredCurve, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        out.add("links.curves", "not a list; allowed: [{op, group_size, sizes, times_s}, ...]")
-        return ()
-    curves = []
-    for i, c in enumerate(raw):
-        where = f"links.curves[{i}]"
-        ok = (isinstance(c, dict) and c.get("op") in KINDS and isinstance(c.get("group_size"), int)
-              and isinstance(c.get("sizes"), list) and isinstance(c.get("times_s"), list)
-              and len(c["sizes"]) == len(c["times_s"]) > 0)
-        if not ok:
-            out.add(where, f"needs op (one of {', '.join(KINDS)}), group_size (int), and equally long "
-                           "non-empty lists sizes and times_s")
-            continue
-        pairs = sorted(zip(c["sizes"], c["times_s"]))
-        if any(not (s > 0 and t > 0) for s, t in pairs):
-            out.add(where, "sizes and times_s must be positive numbers")
-            continue
-        curves.append(MeasuredCurve(c["op"], c["group_size"], tuple(float(s) for s, _ in pairs),
-                                    tuple(float(t) for _, t in pairs)))
-    return tuple(curves)
+TOP = ("name", "device", "compute", "links", "assumptions", "notes")
+DEVICE = ("name", "matches", "memory_gib", "reserved_gib", "allocator_reserve", "margin", "cores", "thread_scaling")
+COMPUTE = ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency", "measured", "achieved")
+LINKS = ("gpus_per_node", "nics_per_node", "intra", "inter", "base_latency_us", "rail_optimized", "oversubscription",
+         "algorithm", "curves", "call_overhead_us", "busy_latency_us")
 
 
 def parse_hardware(doc: Any, path: str) -> Hardware:
-    out = _Problems(path)
+    out = f.Problems(path)
     if not isinstance(doc, dict):
-        raise HardwareError(f"{path}: not a YAML mapping; allowed top-level keys: name, device, compute, links")
+        raise HardwareError(f"{path}: not a YAML mapping; allowed top-level keys: {', '.join(TOP)}")
     for key in doc:
-        if key not in ("name", "device", "compute", "links", "notes"):
-            out.add(key, "unknown key; allowed keys: name, device, compute, links, notes")
-    dev = _section(doc, "device", out, ("name", "memory_gib", "reserved_gib", "margin", "cores",
-                                                  "thread_scaling"))
-    comp = _section(doc, "compute", out, ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency",
-                                          "achieved"))
-    links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves", "call_overhead_us",
-                                                "busy_latency_us"))
-    memory = _number(dev, "memory_gib", "device", out)
-    reserved = _number(dev, "reserved_gib", "device", out, required=False) or 0.0
-    margin = _number(dev, "margin", "device", out, required=False, hi=0.9) or 0.0
+        if key not in TOP:
+            out.add(key, f"unknown key; allowed keys: {', '.join(TOP)}")
+    dev, comp, links = f.section(doc, "device", out, DEVICE), f.section(doc, "compute", out, COMPUTE), \
+        f.section(doc, "links", out, LINKS)
+    memory = f.number(dev, "memory_gib", "device", out)
+    reserved = f.number(dev, "reserved_gib", "device", out, required=False) or 0.0
+    reserve = f.number(dev, "allocator_reserve", "device", out, required=False, hi=1.0) or 0.0
+    margin = f.number(dev, "margin", "device", out, required=False, hi=0.9) or 0.0
     cores = dev.get("cores")
     if cores is not None and (not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
         out.add("device.cores", f"got {cores!r}; allowed: an int >= 1 (CPU devices), or leave it out")
         cores = None
-    scaling = _number(dev, "thread_scaling", "device", out, required=False, hi=1.0)
-    achieved = _achieved(comp, out)
-    peak, eff, mem_gbps, mem_eff = _datasheet(comp, out, required=achieved is None)
-    gpn = links.get("gpus_per_node", 1)
-    if not isinstance(gpn, int) or isinstance(gpn, bool) or gpn < 1:
-        out.add("links.gpus_per_node", f"got {gpn!r}; allowed: an int >= 1")
-        gpn = 1
-    intra, inter = _link(links, "intra", out), _link(links, "inter", out)
-    curves = _curves(links.get("curves"), out)
-    overhead = _number(links, "call_overhead_us", "links", out, required=False) or 0.0
-    busy = _busy(links.get("busy_latency_us"), out)
+    scaling = f.number(dev, "thread_scaling", "device", out, required=False, hi=1.0)
+    achieved, measured = f.achieved(comp, out), f.measured(comp, out)
+    peak, eff, mem_gbps, mem_eff = f.datasheet(comp, out, required=achieved is None)
+    gpn = f.integer(links, "gpus_per_node", "links", out, 1) or 1
+    intra, inter = f.link(links, "intra", out), f.link(links, "inter", out)
+    curves = tuple(MeasuredCurve(*c) for c in f.curves(links.get("curves"), out))
+    overhead = f.number(links, "call_overhead_us", "links", out, required=False) or 0.0
+    busy = f.busy(links.get("busy_latency_us"), out)
+    fabric = _fabric(links, gpn, out)
     if intra is None and not curves and not out.lines:
         out.add("links", "needs intra {busbw_gbps, latency_us} (and inter for multi-node) or measured curves")
+    matches = f.strings(dev.get("matches"), "device.matches", out)
+    assumptions = f.strings(doc.get("assumptions"), "assumptions", out)
     if out.lines:
         raise HardwareError("\n".join(out.lines))
     gib = 1024 ** 3
     return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores,
-                    1.0 if scaling is None else scaling, peak, eff,
-                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, overhead * 1e-6, busy, source=path,
-                    notes=doc.get("notes") or {})
+                    1.0 if scaling is None else scaling, peak, eff, mem_gbps, mem_eff, achieved, gpn,
+                    Link(*intra) if intra else None, Link(*inter) if inter else None, curves, overhead * 1e-6, busy,
+                    source=path, notes=doc.get("notes") or {}, fabric=fabric, measured=measured,
+                    allocator_reserve=reserve, matches=matches, assumptions=assumptions)
 
 
-def _busy(raw: Any, out: _Problems) -> dict[int, float]:
-    if raw is None:
-        return {}
-    ok = isinstance(raw, dict) and all(isinstance(k, int) and k >= 1 and isinstance(v, (int, float))
-                                       and not isinstance(v, bool) and v >= 0 for k, v in raw.items())
-    if not ok:
-        out.add("links.busy_latency_us", "allowed: a mapping {ranks per node (int >= 1): microseconds >= 0}")
-        return {}
-    return {k: float(v) * 1e-6 for k, v in raw.items()}
-
-
-def _achieved(comp: dict, out: _Problems) -> dict[str, float] | None:
-    raw = comp.get("achieved")
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        out.add("compute.achieved", f"not a mapping; allowed keys: {', '.join(ACHIEVED_KEYS)}")
-        return None
-    for key in raw:
-        if key not in ACHIEVED_KEYS:
-            out.add(f"compute.achieved.{key}", f"unknown key; allowed keys: {', '.join(ACHIEVED_KEYS)}")
-    values = {k: _number(raw, k, "compute.achieved", out) for k in ACHIEVED_KEYS}
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _datasheet(comp: dict, out: _Problems, required: bool) -> tuple[dict, dict, float | None, float]:
-    peak_raw, eff_raw = comp.get("peak_tflops"), comp.get("efficiency")
-    if not required and peak_raw is None:
-        return {}, {}, None, 1.0
-    peak: dict[str, float] = {}
-    if not isinstance(peak_raw, dict) or not peak_raw:
-        out.add("compute.peak_tflops", "missing; allowed: a mapping dtype -> TFLOP/s, e.g. {bfloat16: 989.4}")
-    else:
-        for dtype in peak_raw:
-            if dtype not in ("float32", "bfloat16", "float16"):
-                out.add(f"compute.peak_tflops.{dtype}", "unknown dtype; allowed: float32, bfloat16, float16")
-            elif (v := _number(peak_raw, dtype, "compute.peak_tflops", out)) is not None:
-                peak[dtype] = v
-    eff: dict[str, float] = {}
-    if not isinstance(eff_raw, dict):
-        out.add("compute.efficiency", "missing; allowed: {matmul: fraction, attention: fraction}")
-    else:
-        for key in ("matmul", "attention"):
-            if (v := _number(eff_raw, key, "compute.efficiency", out, hi=1.0)) is not None:
-                eff[key] = v
-    mem = _number(comp, "memory_gbps", "compute", out)
-    mem_eff = _number(comp, "memory_efficiency", "compute", out, required=False, hi=1.0) or 1.0
-    return peak, eff, mem, mem_eff
+def _fabric(links: dict, gpus_per_node: int, out: f.Problems) -> Fabric:
+    rail = links.get("rail_optimized", True)
+    if not isinstance(rail, bool):
+        out.add("links.rail_optimized", f"got {rail!r}; allowed: true or false")
+        rail = True
+    return Fabric(f.integer(links, "nics_per_node", "links", out, gpus_per_node) or gpus_per_node, rail,
+                  f.number(links, "oversubscription", "links", out, required=False, lo=1.0) or 1.0,
+                  f.choice(links, "algorithm", "links", f.ALGORITHMS, "auto", out),
+                  (f.number(links, "base_latency_us", "links", out, required=False) or 0.0) * 1e-6)
 
 
 def load_hardware(path: Path | str) -> Hardware:

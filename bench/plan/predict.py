@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.plan.compute import Work, rates_for
+from bench.plan.grad_sync import Optim, zero1_size
 from bench.plan.hardware import Hardware, MeasuredCurve
 from bench.plan.isp_schedule import Costs, IspKnobs
 from bench.plan.isp_schedule import build as build_isp
 from bench.plan.links import LinkModel, place
-from bench.plan.memory import MemoryPlan, isp_memory, peer_memory
+from bench.plan.memory import MemoryPlan, Optimizer, isp_memory, peer_memory
 from bench.plan.peer_schedule import build as build_peer
 from bench.plan.replay import replay
 from isp_core.comm_formula import _linear_shapes
@@ -112,12 +113,23 @@ class PlanInputs:
     runtime_bytes: float | None = None  # None: the hardware file's reserved_gib
     master_fp32: bool = False
     knobs: IspKnobs = field(default_factory=IspKnobs)
+    # "bench": this suite's trainers; "internevo": InternEvo's HybridZeroOptimizer and fused
+    # kernels (bench/plan/grad_sync.py, memory.py), for ISP cells
+    framework: str = "bench"
 
 
 def _knobs(parallel: Any, default: IspKnobs) -> IspKnobs:
-    """Issue 12's ISP variants from the cell's parallel section once it has them, else `default`."""
-    names = ("wp_unit", "head", "forward_overlap_per", "launch_allgather_before")
+    """The ISP variants of the cell's parallel section (defaults for keys an old record lacks)."""
+    names = ("wp_unit", "head", "forward_overlap_per", "launch_allgather_before", "embedding_backward_gather")
     return IspKnobs(**{n: getattr(parallel, n, getattr(default, n)) for n in names})
+
+
+def _placements(hw: Hardware, world: int, sp: int, wp: int, z: int) -> dict[str, Any]:
+    """Each group's placement on the nodes; zero1: z consecutive members of a weight-data group."""
+    layout = group_layout(world, sp, wp)
+    out = {g: place(groups[0], hw.gpus_per_node, hw.links.nics_per_node) for g, groups in layout.items()}
+    out["zero1"] = place(list(range(0, z * wp, wp)), hw.gpus_per_node, hw.links.nics_per_node)
+    return out
 
 
 def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
@@ -127,8 +139,9 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     gpu = r.device == "cuda"
     ranks_per_node = min(world, hw.gpus_per_node)
     rates = rates_for(hw, r.dtype, ranks_per_node)
-    layout = group_layout(world, sp, wp)
-    placements = {g: place(groups[0], hw.gpus_per_node) for g, groups in layout.items()}
+    z = zero1_size(getattr(p, "zero1", 1), world // wp) if p.strategy == "isp" else 1
+    framework = inputs.framework if p.strategy == "isp" else "bench"
+    placements = _placements(hw, world, sp, wp, z)
     links = LinkModel(hw, inputs.curves, ranks_per_node)
     tokens = spec.micro_bsz(world // sp) * spec.seq_len // sp
     pairs = attention_pairs(spec, r.warmup_steps, r.measure_steps)
@@ -140,18 +153,19 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     runtime = hw.reserved_bytes if inputs.runtime_bytes is None else inputs.runtime_bytes
     total_elements = cfg.layers * (sum(_linear_shapes(cfg)) + 2 * cfg.hidden) + 2 * cfg.vocab * cfg.hidden + cfg.hidden
     if p.strategy == "isp":
-        shard = (cfg.layers * sum(_linear_shapes(cfg)) + 2 * cfg.vocab * cfg.hidden) // wp \
-            + (2 * cfg.layers + 1) * cfg.hidden
-        sched = build_isp(cfg, spec, world, sp, wp, p.overlap, E, costs, host_sync=not gpu,
-                          knobs=_knobs(p, inputs.knobs), shard_elements=shard)
+        knobs = _knobs(p, inputs.knobs)
+        sched = build_isp(cfg, spec, world, sp, wp, p.overlap, E, costs, host_sync=not gpu, knobs=knobs,
+                          optim=Optim(framework, z))
         memory = isp_memory(cfg, tokens, wp, sp, p.overlap, p.memory_pool, E, spec.micro_num, runtime,
-                            inputs.master_fp32)
+                            optimizer=Optimizer(framework, z, inputs.master_fp32), reserve=hw.allocator_reserve,
+                            head=knobs.head)
     else:
         params = total_elements // world if p.strategy in ("fsdp2", "ulysses") else total_elements
         sched = build_peer(p.strategy, cfg, spec, world, sp, E, costs, host_sync=not gpu, param_elements=params)
         block = sum(_linear_shapes(cfg)) + 2 * cfg.hidden
         memory = peer_memory(p.strategy, cfg, tokens, world, E, spec.micro_num, runtime, total_elements,
-                             2 * cfg.vocab * cfg.hidden + cfg.hidden, block, gpu, inputs.master_fp32)
+                             2 * cfg.vocab * cfg.hidden + cfg.hidden, block, gpu, inputs.master_fp32,
+                             reserve=hw.allocator_reserve)
     timeline = replay(sched)
     step = timeline.step_s
     comm = {}
@@ -166,7 +180,7 @@ def predict(cell_id: str, config: Any, inputs: PlanInputs) -> Prediction:
     tflops = flops / step / world / 1e12 if step > 0 else 0.0
     peak = r.peak_tflops or hw.peak(r.dtype)
     capacity = hw.memory_bytes * (1.0 - hw.margin)
-    notes = [rates.source]
+    notes = [rates.source] + ([f"framework {framework}, zero1 {z}"] if p.strategy == "isp" else [])
     legacy = internevo_flops(cfg, config.data.global_batch, spec.seq_len) / step / world / 1e12 if step > 0 else 0.0
     return Prediction(cell_id, p.strategy, world, sp, wp, memory, capacity, comm, step, timeline.compute_s(),
                       timeline.exposed_comm_s(), timeline.comm_time_by_kind(),

@@ -24,11 +24,12 @@ def predicted_comm(cfg: LlamaConfig, spec: DataSpec, world_size: int, sp: int, w
                    element_size: int, settings: Optional[ISPSettings] = None) -> dict:
     settings = settings or ISPSettings()
     return _isp_formula(cfg, spec, world_size, sp, wp, overlap, element_size, wp_unit=settings.wp_unit,
-                        head=settings.head)
+                        head=settings.head, embedding_backward_gather=settings.embedding_backward_gather)
 
 
 def settings_from(parallel: Any) -> ISPSettings:
     """The ISPSettings of a cell's `parallel` section (bench.config.schema.ParallelConfig)."""
     return ISPSettings(parallel.overlap, parallel.memory_pool, wp_unit=parallel.wp_unit, head=parallel.head,
                        forward_overlap_per=parallel.forward_overlap_per,
-                       launch_allgather_before=parallel.launch_allgather_before)
+                       launch_allgather_before=parallel.launch_allgather_before,
+                       embedding_backward_gather=parallel.embedding_backward_gather)

@@ -29,6 +29,7 @@ import yaml
 from bench.config.matrix import BenchConfig, Cell
 from bench.metrics import roofline
 from bench.metrics.collectives_spec import table_of
+from bench.plan import record as plan_record
 from bench.results.records import SCHEMA_VERSION, append_record
 from bench.results.torn import set_torn_tail_aside
 from bench.sweep import env_info, lock
@@ -181,10 +182,12 @@ def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]
 
 def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO = sys.stdout,
               link_profile: Path | None = None, grace_s: float = 30.0,
-              launcher: Callable[..., Outcome] = launch) -> int:
+              launcher: Callable[..., Outcome] = launch, plan_hardware: Path | None = None) -> int:
     """Run each cell in turn, whatever happens to the others; return the exit code of the sweep.
-    `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several."""
+    `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several.
+    `plan_hardware`: the hardware file each record's metrics.plan predicts on (bench/plan/record.py)."""
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
+    plan = plan_record.choose(run_dir, plan_hardware)
     # Collectives cells first, so the training cells after them get a roofline from this run.
     cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
     start, durations, failed = time.monotonic(), [], 0
@@ -192,7 +195,7 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
         try:
             for k, cell in enumerate(cells, 1):
                 print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)
-                outcome = _run_one(run_dir, cell, opts, linked, launcher)
+                outcome = _run_one(run_dir, cell, opts, linked, launcher, plan)
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"
                 print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)
@@ -211,10 +214,13 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
 
 
 def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofline.Curve],
-             launcher: Callable[..., Outcome]) -> Outcome:
+             launcher: Callable[..., Outcome], plan: plan_record.Choice) -> Outcome:
     paths = CellPaths.under(run_dir, cell.id)
     write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     outcome = launcher(cell.config, paths, opts)
-    append_record(run_dir / RESULTS, make_record(run_dir, cell, started, outcome))
+    record = make_record(run_dir, cell, started, outcome)
+    if isinstance(record["metrics"], dict):  # after the outcome, outside the worker's timed path
+        record["metrics"]["plan"] = plan_record.entry(cell.config, record["metrics"], plan)
+    append_record(run_dir / RESULTS, record)
     return outcome

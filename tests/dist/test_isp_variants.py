@@ -11,6 +11,7 @@ from tests.support.dist_harness import run_ranks
 BLOCK = {"wp_unit": "block"}
 GATHERED = {"head": "gathered"}
 OV, POOL = {"overlap": True}, {"overlap": True, "memory_pool": True}
+NO_EMB_BWD = {"embedding_backward_gather": False}  # the saving InternEvo could take
 
 # (sp, wp, settings, checkpoint fraction, micro_num): every variant, several layouts, with and
 # without overlap, pool, recompute and gradient accumulation.
@@ -23,6 +24,7 @@ VARIANT_CASES_4 = [
     (2, 4, {**POOL, "launch_allgather_before": "wqkv"}, 2 / 3, 1),
     (4, 2, {**OV, "launch_allgather_before": "attn"}, 1 / 3, 2),
     (2, 2, {**BLOCK, **OV, "launch_allgather_before": "w1"}, 1.0, 1),
+    (2, 2, {**POOL, **NO_EMB_BWD}, 2 / 3, 2),
 ]
 
 
@@ -82,7 +84,7 @@ def test_counted_bytes_equal_formula_for_each_variant() -> None:
     cases = [(sp, wp, ckpt, micro, settings)
              for sp, wp in ((2, 2), (4, 4))
              for settings in (BLOCK, {**BLOCK, **POOL}, GATHERED, {**BLOCK, **GATHERED, **OV},
-                              {**OV, "forward_overlap_per": "module"})
+                              {**OV, "forward_overlap_per": "module"}, NO_EMB_BWD, {**BLOCK, **OV, **NO_EMB_BWD})
              for ckpt, micro in ((0.0, 1), (2 / 3, 2))]
     results = run_ranks(4, variant_cases.counted_vs_predicted, cases)
     for rank_results in results:
@@ -90,7 +92,15 @@ def test_counted_bytes_equal_formula_for_each_variant() -> None:
             assert counted == predicted, f"{case}: counted {counted} != predicted {predicted}"
     by_case = {case[:4] + (tuple(sorted(case[4].items())),): counted for case, counted, _ in results[0]}
     block = by_case[(2, 2, 0.0, 1, tuple(sorted(BLOCK.items())))]["weight"]
-    assert block["all_gather"]["calls"] == 2 * 3 + 2 + 1  # 2 per block, head 2, embedding 1
+    assert block["all_gather"]["calls"] == 2 * 3 + 2 + 2  # 2 per block, head 2, embedding 2 (InternEvo's)
+    # the variant saves one gather of the table per micro-step, vocab x hidden x 4 bytes each
+    # (with wp_unit block, overlap changes no count: BLOCK and BLOCK+OV+NO_EMB_BWD differ by it alone)
+    key = lambda settings: tuple(sorted(settings.items()))  # noqa: E731
+    for sp, wp, ckpt, micro in ((2, 2, 0.0, 1), (4, 4, 2 / 3, 2)):
+        internevo = by_case[(sp, wp, ckpt, micro, key(BLOCK))]["weight"]["all_gather"]
+        lean = by_case[(sp, wp, ckpt, micro, key({**BLOCK, **OV, **NO_EMB_BWD}))]["weight"]["all_gather"]
+        assert internevo["calls"] - lean["calls"] == micro
+        assert internevo["bytes"] - lean["bytes"] == micro * 64 * 32 * 4
     assert "all_to_all" in by_case[(2, 2, 0.0, 1, tuple(sorted(BLOCK.items())))]["sequence"]
     gathered = by_case[(2, 2, 0.0, 1, tuple(sorted(GATHERED.items())))]["sequence"]
     assert gathered["all_to_all"]["calls"] == 6 * 3 and "all_reduce" not in gathered

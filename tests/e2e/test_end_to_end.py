@@ -36,7 +36,13 @@ CONFIG = {
 ISP_LABELS = ["isp.all_gather.0.attention.wqkv", "isp.wait.all_gather.1.feed_forward.w2",
               "isp.reduce_scatter.0.feed_forward.w1", "isp.all_to_all.attn.q_kv.0", "isp.all_to_all.attn.q_kv.1",
               "isp.all_to_all.attn.out.0", "isp.all_to_all.attn.out.bwd.0", "isp.all_to_all.head.logits.0",
-              "isp.all_gather.embedding", "isp.pool.acquire.attention.wo", "isp.recompute.block0"]
+              "isp.all_gather.embedding", "isp.all_gather.embedding.backward", "isp.pool.acquire.attention.wo",
+              "isp.recompute.block0"]
+# A CPU hardware file for metrics.plan (figures of no importance: the test checks the wiring).
+HARDWARE = {"name": "e2e-cpu", "device": {"memory_gib": 8, "cores": 2},
+            "compute": {"achieved": {"matmul_tflops": 0.02, "attention_tflops": 0.01, "elementwise_gbps": 2,
+                                     "loss_gbps": 2, "optimizer_gbps": 2}},
+            "links": {"gpus_per_node": 4, "intra": {"busbw_gbps": 0.5, "latency_us": 100}}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]
     tmp = tmp_path_factory.mktemp("e2e")
     config = tmp / "e2e.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    out = subprocess.run([sys.executable, str(REPO / "run_bench.py"), str(config), "--results-dir", str(tmp / "r")],
+    (tmp / "hw.yaml").write_text(yaml.safe_dump(HARDWARE))
+    out = subprocess.run([sys.executable, str(REPO / "run_bench.py"), str(config), "--results-dir", str(tmp / "r"),
+                          "--hardware", str(tmp / "hw.yaml")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (tmp / "r").iterdir()
@@ -69,6 +77,18 @@ def test_counted_bytes_match_the_formula_and_nvml_is_reported_absent(run: tuple[
         assert record["metrics"]["loss_matches_reference"] is True
         nvml = record["metrics"]["nvml"]
         assert nvml["available"] is False and nvml["reason"]  # no GPU here: said, not faked
+
+
+def test_every_record_carries_its_prediction(run: tuple[Path, dict[str, dict]]) -> None:
+    _, records = run
+    for record in records.values():
+        m = record["metrics"]
+        plan = m["plan"]
+        assert plan["available"] and plan["hardware"] == "e2e-cpu", plan
+        assert plan["step_time_s"]["measured"] == m["step_time_s"]["median"] and plan["step_time_s"]["predicted"] > 0
+        assert plan["peak_memory_bytes"]["measured"] == m["peak_memory_bytes"]
+        profiled = record["config"]["profile"]["enabled"]
+        assert (plan["exposed_comm_s"]["measured"] is not None) == profiled
 
 
 def test_profiled_cell_writes_labelled_traces(run: tuple[Path, dict[str, dict]]) -> None:

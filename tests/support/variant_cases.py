@@ -159,7 +159,8 @@ def counted_vs_predicted(rank: int, world_size: int, cases: list[tuple]) -> list
         topo.stats.reset()
         ISPTrainer(isp).train_step(batches)
         predicted = predicted_comm(cfg, spec, world_size, sp, wp, settings.overlap, element_size=4,
-                                   wp_unit=settings.wp_unit, head=settings.head)
+                                   wp_unit=settings.wp_unit, head=settings.head,
+                                   embedding_backward_gather=settings.embedding_backward_gather)
         out.append(((sp, wp, ckpt, micro, kwargs), topo.stats.snapshot(), predicted))
     return out
 

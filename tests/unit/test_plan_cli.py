@@ -61,7 +61,7 @@ def test_plans_a_7b_model_on_1024_gpus_and_marks_what_does_not_fit(capsys):
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
     cells = json.loads(capsys.readouterr().out)["ranking"]
     assert cells and all(c["world_size"] == 1024 for c in cells)
-    assert all(c["comm"]["weight"]["all_gather"]["link"] == "inter link" for c in cells)  # wp=64 spans 8 nodes
+    assert all(c["comm"]["weight"]["all_gather"]["link"].startswith("inter") for c in cells)  # wp=64 spans 8 nodes
     assert all(c["comm"]["sequence"]["all_to_all"]["link"] == "intra link" for c in cells)  # sp=8 stays in a node
     assert all(0 < c["mfu"] < 1 for c in cells)
     # Same model without recompute at 256K tokens per sequence on 8 ranks: far beyond 80 GB.

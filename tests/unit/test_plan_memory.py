@@ -80,4 +80,40 @@ def test_ddp_keeps_everything_whole_fsdp_shards_it():
     ddp = peer_memory("ddp", cfg, 128, 8, 2, 1, 0.0, total, 2 * 4096 * 256, block, gpu=True)
     fsdp = peer_memory("fsdp2", cfg, 128, 8, 2, 1, 0.0, total, 2 * 4096 * 256, block, gpu=True)
     assert ddp.components["weight_shards"] == total * 2
-    assert fsdp.components["weight_shards"] == pytest.approx(total * 2 / 8)
+    assert fsdp.components["weight_shards"] == pytest.approx(total * 4 / 8)  # float32 shards: the masters
+
+
+# The model against the CPU allocator's own accounting, a whole ISP step at world size 1 --------
+def _allocator_step(cfg: LlamaConfig, dtype: torch.dtype, micro_num: int) -> tuple[int, int]:
+    """(bytes the optimizer keeps after a step, peak bytes the second step allocates above what
+    was held before it), from torch's CPU allocator events (tests/unit/test_loss_memory.py)."""
+    from isp_core.data import DataSpec, micro_batches
+    from isp_core.engine import ISPSettings, ISPTrainer, build_isp_model
+    from isp_core.topology import ParallelTopology
+    from tests.unit.test_loss_memory import cpu_peak_bytes
+
+    topo = ParallelTopology(1, 1, 1, 0)
+    trainer = ISPTrainer(build_isp_model(cfg, topo, ISPSettings(), dtype=dtype))
+    spec = DataSpec(seq_len=256, global_batch=micro_num, micro_num=micro_num, packed=True, vocab=cfg.vocab)
+    trainer.train_step(micro_batches(spec, 0, 1, 0, 1, 0))
+    opt = trainer.optimizer
+    tensors = [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+    tensors += getattr(opt, "masters", [])
+    state = sum(t.numel() * t.element_size() for t in tensors)
+    return state, cpu_peak_bytes(lambda: trainer.train_step(micro_batches(spec, 1, 1, 0, 1, 0)))
+
+
+@pytest.mark.parametrize("dtype,checkpoint,micro_num", [(torch.float32, 0.0, 1), (torch.bfloat16, 0.0, 2),
+                                                        (torch.float32, 0.5, 2), (torch.bfloat16, 1.0, 1)])
+def test_a_whole_step_against_the_cpu_allocator(dtype, checkpoint, micro_num):
+    """Optimizer state (float32 masters for bfloat16, AdamW moments) exactly, and the step's peak
+    above the persistent tensors (activations per checkpoint mode, logits and loss, gradients,
+    the step's float32 copies and AdamW's temporaries) within 5%."""
+    cfg = LlamaConfig(hidden=128, layers=4, heads=4, kv_heads=2, vocab=2048, mlp_hidden=352, checkpoint=checkpoint)
+    E = 4 if dtype == torch.float32 else 2
+    state, peak = _allocator_step(cfg, dtype, micro_num)
+    plan = isp_memory(cfg, 256, wp=1, sp=1, overlap=False, memory_pool=False, E=E, micro_num=micro_num, runtime=0.0)
+    parts = plan.moments[plan.moment]
+    assert parts["optimizer_state"] == pytest.approx(state, rel=0.001)
+    transient = plan.allocated_bytes - parts["weight_shards"] - parts["optimizer_state"]
+    assert transient == pytest.approx(peak, rel=0.05), (plan.moment, parts)

@@ -106,9 +106,53 @@ def test_free_communication_leaves_only_compute_and_overlap_hides_gathers():
     assert on.exposed_comm_s() < off.exposed_comm_s() and on.step_s < off.step_s
 
 
-def test_unmodelled_variants_are_refused_not_guessed():
+def test_unknown_variants_are_refused_not_guessed():
     with pytest.raises(ValueError, match="wp_unit"):
-        IspKnobs(wp_unit="block").check()
+        IspKnobs(wp_unit="layer").check()
+
+
+@pytest.mark.parametrize("knobs", [IspKnobs(wp_unit="block"), IspKnobs(head="gathered"),
+                                   IspKnobs(wp_unit="block", head="gathered", forward_overlap_per="module"),
+                                   IspKnobs(embedding_backward_gather=False)])
+@pytest.mark.parametrize("overlap,checkpoint", [(False, 0.5), (True, 0.0), (True, 1.0)])
+def test_isp_variants_issue_the_formulas_communication(knobs, overlap, checkpoint):
+    cfg = LlamaConfig(**CFG, checkpoint=checkpoint)
+    spec = DataSpec(seq_len=128, global_batch=8, micro_num=2)
+    t = replay(build_isp(cfg, spec, 4, 2, 2, overlap, 4, _costs(1e-4), host_sync=False, knobs=knobs))
+    assert t.step_s >= t.compute_s() > 0  # build() checked the calls against the formula
+
+
+def test_block_units_gather_five_times_less_often_and_the_gathered_head_drops_the_logits_all_to_all():
+    cfg = LlamaConfig(**CFG)
+    spec = DataSpec(seq_len=128, global_batch=8, micro_num=1)
+    module = build_isp(cfg, spec, 4, 2, 2, True, 4, _costs(1e-4), host_sync=False).tally()
+    block = build_isp(cfg, spec, 4, 2, 2, True, 4, _costs(1e-4), host_sync=False,
+                      knobs=IspKnobs(wp_unit="block")).tally()
+    gathered = build_isp(cfg, spec, 4, 2, 2, True, 4, _costs(1e-4), host_sync=False,
+                         knobs=IspKnobs(head="gathered")).tally()
+    assert module["weight"]["all_gather"]["calls"] - 4 == 5 * (block["weight"]["all_gather"]["calls"] - 4)
+    assert module["weight"]["all_gather"]["bytes"] == block["weight"]["all_gather"]["bytes"]
+    assert "all_reduce" not in gathered["sequence"]
+    assert gathered["sequence"]["all_to_all"]["calls"] == module["sequence"]["all_to_all"]["calls"] - 2
+
+
+def test_internevo_overlaps_the_data_parallel_all_reduce_and_zero1_broadcasts_the_partitions():
+    from bench.plan.grad_sync import Optim
+
+    cfg = LlamaConfig(**CFG)
+    spec = DataSpec(seq_len=128, global_batch=16, micro_num=2)
+    kind = lambda kind, group, nbytes: nbytes / 1e8 if group == "weight_data" else 0.0  # noqa: E731
+    costs = Costs(_costs(0.0).work, RATES, kind)
+    bench = build_isp(cfg, spec, 8, 1, 1, True, 4, costs, host_sync=False)
+    # buckets of 256 KiB: the model's 1.2 MB of gradients in five (a 7B model fills 28 of 512 MiB)
+    evo = build_isp(cfg, spec, 8, 1, 1, True, 4, costs, host_sync=False, optim=Optim("internevo", 4, 256 << 10))
+    b, e = replay(bench), replay(evo)
+    assert b.exposed_comm_s() == pytest.approx(999424 / 1e8)  # one blocking all-reduce after the backward
+    assert e.exposed_comm_s() < b.exposed_comm_s() / 2        # buckets hide behind the last backward
+    tally = evo.tally()
+    assert tally["weight_data"]["all_reduce"]["bytes"] == bench.tally()["weight_data"]["all_reduce"]["bytes"] \
+        + bench.tally()["world"]["all_reduce"]["bytes"]  # norms ride in the buckets
+    assert tally["zero1"]["broadcast"]["calls"] == 4 and "world" not in tally
 
 
 @pytest.mark.parametrize("point", ["wqkv", "attn", "wo", "w1"])

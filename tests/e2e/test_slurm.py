@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -107,7 +108,59 @@ def test_sbatch_time_limit_sigterm_reaches_every_runner(cluster: SlurmCluster, t
         time.sleep(0.5)
     log = (tmp_path / "job.out").read_text()
     print(log)
-    assert "SIGTERM (time limit): stopping every node" in log and "exit code 130" in log, log
+    assert "SIGTERM (preemption or cancel): stopping every node" in log and "exit code 130" in log, log
+    assert "requeueing" not in log  # a cancel or a preemption is not requeued by the script
     (run_dir,) = [p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")]
     (record,) = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert record["status"] != "ok" and "interrupted" in record["error"]["reason"], record["error"]
+
+
+def wait_for(what: str, done: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def queued(env: dict[str, str], job: str) -> bool:
+    """Whether the job is still in the queue. Slurm holds a requeued batch job for two minutes
+    (its BeginTime); the test lets it start at once instead."""
+    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
+                           text=True).stdout.strip()
+    if state == "PENDING BeginTime":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    return bool(state)
+
+
+def test_sbatch_requeued_before_the_time_limit_resumes_its_folder(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """What --signal=B:USR1@300 does near the time limit, mid-sweep: the script stops the runners,
+    requeues itself, and the requeued job (SLURM_RESTART_COUNT 1) runs only the cell not done."""
+    base = CONFIG["base"]
+    config = {"name": "requeue", "base": base, "matrix": {"run.measure_steps": [2, 80]}}
+    results = tmp_path / "results"
+    env = job_env(cluster, tmp_path, config, results)
+    submitted = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--exclusive=user", "-o",
+                                str(tmp_path / "job.out"), str(SCRIPT)], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    run_dir = results / f"nightly-{job}"
+    records = run_dir / "results.jsonl"
+    wait_for("the first cell never ended", lambda: records.is_file() and records.read_text().strip(), 240)
+    wait_for("the second cell never started on node 1",
+             lambda: any("strategy" in p.read_text() for p in results.glob(".node1-*/logs/*/rank*.log")), 120)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
+    out = tmp_path / "job.out"
+    # Requeued, the job leaves the queue for a moment: done when its second run has ended too.
+    wait_for(f"the requeued job did not end: {out.read_text()}",
+             lambda: not queued(env, job) and out.read_text().count("sweep ended") == 2, 400)
+    log = out.read_text()
+    print(log)
+    assert "SIGUSR1 (time limit near)" in log and f"requeueing job {job}" in log, log
+    assert "restart 0" in log and "restart 1" in log, log
+    assert [p.name for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")] == [run_dir.name]
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    statuses = [(r["config"]["run"]["measure_steps"], r["status"]) for r in rows]
+    assert statuses == [(2, "ok"), (80, "interrupted"), (80, "ok")], statuses
+    assert log.count("sweep ended with exit code") == 2 and log.rstrip().endswith("exit code 0 (0 ok, 1 a cell "
+                                                                                   "failed, 2 config error, 130 interrupted)")

@@ -2,7 +2,7 @@
 
 Exit codes: 0 every cell ok (or --dry-run), 1 some cell failed or timed out, 2 a config or
 usage error or a run folder that cannot be used (one line per problem on stderr, no traceback),
-3 the results stopped being writable mid-run, 130 interrupted (Ctrl-C, SIGTERM).
+3 the results stopped being writable mid-run, 130 interrupted (Ctrl-C, SIGTERM, SIGUSR1).
 """
 
 from __future__ import annotations

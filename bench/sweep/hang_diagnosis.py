@@ -73,7 +73,7 @@ def _where(info: Info) -> str:
         return f"in {launch_text(info['waiting'])}"
     last = info.get("last")
     where = f"past {launch_text(last)}" if last else "before its first collective"
-    if info.get("in_flight") and info["in_flight"] is not last:
+    if info.get("in_flight") and info["in_flight"] != last:
         where += f", {info['in_flight']['kind']} #{info['in_flight']['seq']} in flight"
     return where
 

@@ -8,10 +8,10 @@ signal, and torch's Flight Recorder on request. Installed first thing by `python
   request at a timeout: bench/sweep/hang.py) and on SIGTERM before the default action (torchrun
   stops the other ranks with SIGTERM when one dies). C-level and async-signal-safe, it answers
   even while the main thread sits inside a blocking collective.
-- torch's Flight Recorder (every c10d collective of every process group, NCCL and gloo alike in
-  torch 2.13) keeps TORCH_FR_BUFFER_SIZE entries (default here 2000; the NCCL name
-  TORCH_NCCL_TRACE_BUFFER_SIZE is honoured too). A thread watches for the runner's request file
-  and writes `logs/<cell>/fr_rank<r>.json`; on NCCL, ProcessGroupNCCL also dumps by itself on
+- torch's Flight Recorder (every c10d collective of every process group, NCCL and gloo alike
+  in torch 2.13) keeps TORCH_FR_BUFFER_SIZE entries (default here 2000, unless the deprecated
+  NCCL name TORCH_NCCL_TRACE_BUFFER_SIZE is set, which torch still reads). A thread watches for
+  the runner's request file and writes `logs/<cell>/fr_rank<r>.json`; on NCCL, ProcessGroupNCCL also dumps by itself on
   its own collective timeout (TORCH_NCCL_DUMP_ON_TIMEOUT) to `logs/<cell>/nccl_trace_rank_<r>`.
   A stopped rank runs no thread: its ring alone speaks for it.
 """
@@ -62,8 +62,8 @@ def install(log_dir: Path, rank: int) -> CollectiveRing:
     _ring = CollectiveRing(ring_path(log_dir, rank), rank, world, node_index(), int(os.environ.get("LOCAL_RANK", 0)))
     faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
-    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
-        os.environ.setdefault(name, FR_BUFFER)
+    if "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:  # the old name, which torch 2.13 still reads
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FR_BUFFER)
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(log_dir / "nccl_trace_rank_"))
     threading.Thread(target=_answer_dump_requests, args=(log_dir, rank), name="isp-bench-fr-dump",
@@ -74,6 +74,19 @@ def install(log_dir: Path, rank: int) -> CollectiveRing:
 def ring() -> Optional[CollectiveRing]:
     """This process' ring (None outside a worker, e.g. in-process tests)."""
     return _ring
+
+
+@contextlib.contextmanager
+def detached(off: bool = True) -> Iterator[None]:
+    """`track` logs nothing inside (bench/worker/ring_overhead.py times steps without the ring)."""
+    global _ring
+    kept = _ring
+    if off:
+        _ring = None
+    try:
+        yield
+    finally:
+        _ring = kept
 
 
 @contextlib.contextmanager

@@ -88,20 +88,24 @@ def test_sbatch_of_the_shipped_script_cpu_variant(cluster: SlurmCluster, tmp_pat
     check_run(tmp_path / "results")
 
 
-def test_sbatch_time_limit_sigterm_reaches_every_runner(cluster: SlurmCluster, tmp_path: Path) -> None:
+def submit(env: dict[str, str], out: Path) -> str:
+    """sbatch the shipped script's CPU variant; its job id."""
+    submitted = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--exclusive=user", "-o", str(out),
+                                str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def test_sbatch_sigterm_reaches_every_runner(cluster: SlurmCluster, tmp_path: Path) -> None:
     config = {**CONFIG, "base": {**CONFIG["base"], "run": {**CONFIG["base"]["run"], "measure_steps": 60}}}
     results = tmp_path / "results"
     env = job_env(cluster, tmp_path, config, results)
-    submitted = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--exclusive=user", "-o",
-                                str(tmp_path / "job.out"), str(SCRIPT)], cwd=REPO, env=env, capture_output=True,
-                               text=True, timeout=60)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
+    job = submit(env, tmp_path / "job.out")
     deadline = time.monotonic() + 240
     while not any("strategy" in p.read_text() for p in results.glob(".node1-*/logs/*/rank*.log")):
         assert time.monotonic() < deadline, "the cell never started on node 1"
         time.sleep(0.3)
-    # What --signal=B:TERM@300 does near the time limit: SIGTERM to the batch shell only.
+    # A preemption's (or a cancel's) SIGTERM to the batch shell.
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=env, check=True, timeout=30)
     while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline + 120, "the job did not end after SIGTERM"
@@ -139,11 +143,7 @@ def test_sbatch_requeued_before_the_time_limit_resumes_its_folder(cluster: Slurm
     config = {"name": "requeue", "base": base, "matrix": {"run.measure_steps": [2, 80]}}
     results = tmp_path / "results"
     env = job_env(cluster, tmp_path, config, results)
-    submitted = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--exclusive=user", "-o",
-                                str(tmp_path / "job.out"), str(SCRIPT)], cwd=REPO, env=env, capture_output=True,
-                               text=True, timeout=60)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
+    job = submit(env, tmp_path / "job.out")
     run_dir = results / f"nightly-{job}"
     records = run_dir / "results.jsonl"
     wait_for("the first cell never ended", lambda: records.is_file() and records.read_text().strip(), 240)

@@ -4,12 +4,15 @@
     1. what to run       bench/config/      rules and schema (sections), checks, cell, YAML file + --set, matrix
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
-                                            (several nodes through torch's c10d store), env_info
+                                            (several nodes through torch's c10d store), env_info, hang +
+                                            hang_diagnosis (which rank holds the others, before the kill)
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
-                                            gather), timing, memory, nvml, profiling, collectives, finish
+                                            gather), timing, memory, nvml, profiling, collectives, finish,
+                                            collective_ring + hang_watch (each rank's last collectives in a
+                                            mapped file, stacks, Flight Recorder), rank_figures, ring_overhead
     4. numbers           bench/metrics/     measurement (the typed hand-over), assemble (every metric of a
                                             record), formulas, overlap, trace_figures, nccl_trace, roofline,
-                                            loss_check, collectives_spec
+                                            loss_check, collectives_spec, per_rank (each rank, the straggler)
     5. read and judge    bench/results/     records (writer and reader), torn, report, plots, compare, render,
                                             verdict, history, changepoint, nightly, gate_accuracy
     what trains          bench/strategies/  registry of isp, fsdp2, ddp, ulysses: each a trainer and its

@@ -160,15 +160,17 @@ def across_nodes(outcome: Outcome, paths: CellPaths) -> Outcome:
     """Node 0, several nodes: the cell's hang explained over every node's collected ranks."""
     if outcome.status not in ("timeout", "failed") or outcome.error is None:
         return outcome
-    docs = []
+    docs, since = [], time.time() - outcome.wall_s - 5.0  # this launch's, not an earlier attempt's
     for path in sorted(paths.log_dir.glob("hang.node*.json")):
         try:
-            docs.append(json.loads(path.read_text()))
+            if path.stat().st_mtime >= since:
+                docs.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
     result = hang_diagnosis.summary(docs) if docs else None
     if result is None or not (result["worth_saying"] or outcome.status == "timeout"):
         return outcome
-    cause = "; ".join(f"node {d['node']}: {d.get('cause', '?')}" for d in docs)
-    error = _with_reason(outcome.error, result, cause, outcome.status == "timeout")
+    # The merged reason already says what each node saw ("node 0: timeout after 600s; node 1: ...",
+    # a lost node included): the ranks' story goes beside it.
+    error = _with_reason(outcome.error, result, outcome.error["reason"], outcome.status == "timeout")
     return dataclasses.replace(outcome, error=error)

@@ -94,8 +94,9 @@ def _describe(r: int, ranks: dict[int, Info], waiting: dict[int, Info]) -> str:
     return f"rank {r} ({_who(ranks[r])}) {where}"
 
 
-def _waiters(waiting: dict[int, Info], skip: list[int]) -> list[str]:
-    """'ranks 1,2 wait in all_to_all #100 on sequence groups [0,1], [2,3]': one part per launch."""
+def _waiters(waiting: dict[int, Info], skip: list[int], gone: set[int]) -> list[str]:
+    """'ranks 1,2 wait in all_to_all #100 on sequence groups [0,1], [2,3]': one part per launch
+    ('waited ... (then exited)' when they all died in it: torchrun ends the others when one fails)."""
     by_launch: dict[tuple[str, int, str], list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
     for r, e in waiting.items():
         if r not in skip:
@@ -104,8 +105,9 @@ def _waiters(waiting: dict[int, Info], skip: list[int]) -> list[str]:
     for (kind, seq, group), members in sorted(by_launch.items(), key=lambda kv: min(r for r, _ in kv[1])):
         rs, sets = [r for r, _ in members], sorted({g for _, g in members})
         where = ", ".join(f"[{ranks_text(g)}]" for g in sets)
-        parts.append(f"{span(rs)} {'waits' if len(rs) == 1 else 'wait'} in {kind} #{seq} on {group} "
-                     f"group{'s' if len(sets) > 1 else ''} {where}")
+        verb = "waited" if set(rs) <= gone else ("waits" if len(rs) == 1 else "wait")
+        parts.append(f"{span(rs)} {verb} in {kind} #{seq} on {group} group{'s' if len(sets) > 1 else ''} {where}"
+                     + (" (then exited)" if set(rs) <= gone else ""))
     return parts
 
 
@@ -113,14 +115,18 @@ def diagnose(ranks: dict[int, Info], world_size: int) -> dict[str, Any]:
     """{"reason": one line, "stuck": [ranks], "behind": {rank: [waiters]}, "waiting": {rank: launch},
     "missing": [ranks without a ring]} from every rank the runners could read.
 
-    Stuck: a rank whose process is stopped or gone, and every rank that others wait for while it
-    waits in no collective itself (when all of those wait, the cycle's members)."""
+    Stuck: a rank whose process is stopped, one gone while outside any collective, and every rank
+    that others wait for while it waits in no collective itself (when all of those wait, the
+    cycle's members; when nothing else is found, the ranks that are gone)."""
     missing = [r for r in range(world_size) if r not in ranks]
     waiting = _blocked_in(ranks)
     held = behind_ranks(ranks, waiting)
-    down = {r for r, i in ranks.items() if i.get("process", "running") != "running"}
-    stuck = sorted(down | {r for r in held if r in missing or r not in waiting}) or sorted(held)
-    parts = [_describe(r, ranks, waiting) for r in stuck] + _waiters(waiting, stuck)
+    stopped = {r for r, i in ranks.items() if i.get("process") == "stopped"}
+    gone = {r for r, i in ranks.items() if i.get("process") == "exited"}
+    suspects = stopped | {r for r in gone if r not in waiting} | {r for r in held if r in missing or r not in waiting}
+    stuck = sorted(suspects) or sorted(held) or sorted(gone)
+    down = stopped | gone
+    parts = [_describe(r, ranks, waiting) for r in stuck] + _waiters(waiting, stuck, gone)
     if waiting and not held and not down:
         parts.append("launched by every member of its group, not completed: the transport, not a rank, is stuck")
     elif not waiting:

@@ -81,6 +81,10 @@ def test_a_rank_without_a_ring_and_a_rank_that_exited(tmp_path: Path) -> None:
     assert result["reason"] == ("rank 2 (node 1, exited) past all_gather #1 on weight group [0..3]; "
                                 "rank 3 (no ring: never started, or its node sent nothing); "
                                 "ranks 0-1 wait in all_gather #2 on weight group [0..3]")
+    # torchrun ended the others when rank 2 died: they died waiting, rank 2 is still the one named
+    gone = diagnose(infos(tmp_path, {0: "exited", 1: "exited", 2: "exited"}), 4)
+    assert gone["stuck"] == [2, 3] and gone["reason"].endswith(
+        "ranks 0-1 waited in all_gather #2 on weight group [0..3] (then exited)")
 
 
 def test_no_rank_waiting_and_waits_out_of_sight(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
         raise ConfigError([f"--grace-s {args.grace_s:g}: expected a number of seconds > 0"])
     if args.retry != RETRYABLE and args.resume is None:
         raise ConfigError(["--retry: only with --resume RUN_DIR"])
-    if args.run_name is not None and args.resume is not None:
+    if getattr(args, "run_name", None) is not None and args.resume is not None:
         raise ConfigError(["--run-name: names a new run folder; --resume RUN_DIR continues one, drop one of them"])
     try:
         # Half the grace period for the job to stop on SIGTERM, the rest for the summary.
@@ -151,7 +151,7 @@ def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, P
 
 
 def _new_run_dir(args: argparse.Namespace, bench: BenchConfig) -> Path:
-    if args.run_name is not None:
+    if getattr(args, "run_name", None) is not None:  # `nightly` builds its own Namespace, without it
         return runner.named_run_dir(args.results_dir, args.run_name)
     try:
         return runner.new_run_dir(args.results_dir, bench.name)

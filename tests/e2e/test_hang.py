@@ -1,5 +1,5 @@
 """A hang and a straggler with real processes on gloo: one rank SIGSTOPped mid-measure (one node,
-then two runners on this host), one rank really slowed (pinned to a core with a busy process).
+then two runners on this host), one rank really slowed (pinned to a core with a busy process, at a lower priority).
 
 The test watches the ranks from outside as the runner does: each rank's ring file gives its pid
 and how far it got (bench/worker/collective_ring.py).
@@ -104,8 +104,10 @@ def assert_hang_record(record: dict, log_dir: Path, stopped: int, node: int, wor
 
 
 class Straggler(threading.Thread):
-    """Pins every thread of rank 1 of the 2-rank cell, and a busy loop, to CPU 0 (rank 0 to CPU 1)
-    until the cell's record is written: rank 1 gets about half a core, rank 0 a whole one."""
+    """Pins every thread of rank 1 of the 2-rank cell, and a busy loop, to CPU 0 and lowers rank 1's
+    priority (nice 5: a third of a nice-0 process' share) until the cell's record is written. The
+    nice keeps rank 1 behind whatever else this shared machine runs, which the pinning alone does
+    not: the scheduler moves other processes off a crowded core, evening the shares out."""
 
     def __init__(self, root: Path, records: Path) -> None:
         super().__init__(daemon=True)
@@ -116,10 +118,7 @@ class Straggler(threading.Thread):
         ring = wait_until("the slowed cell never started", lambda: rings(self.root, 2).get(1))
         self.busy = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
         while not self._cell_done():
-            for rank, cpu in ((1, 0), (0, 1)):
-                pid = rings(self.root, 2).get(rank, ring if rank == 1 else None)
-                if pid is not None:
-                    self._pin(pid["pid"], cpu)
+            self._pin(ring["pid"], 0)  # again and again: threads started since inherit it, or not
             time.sleep(0.2)
         self.busy.kill()
         self.busy.wait()
@@ -132,6 +131,7 @@ class Straggler(threading.Thread):
         for task in Path(f"/proc/{pid}/task").glob("*"):  # threads started later inherit it
             try:
                 os.sched_setaffinity(int(task.name), {cpu})
+                os.setpriority(os.PRIO_PROCESS, int(task.name), 5)
                 self.pinned.add(pid)
             except (OSError, ValueError):
                 pass

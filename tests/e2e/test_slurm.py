@@ -60,7 +60,7 @@ def check_run(results: Path, cells: int = 1) -> Path:
     assert len(records) == cells and {r["status"] for r in records} == {"ok"}, records
     assert all(r["metrics"]["loss_matches_reference"] for r in records)
     logs = {p.name for p in (run_dir / "logs" / records[0]["cell"]).iterdir()}
-    assert logs == {"rank0.log", "rank1.log", "torchrun.log", "torchrun.node1.log"}, logs
+    assert logs == {"rank0.log", "rank1.log", "rank0.ring", "rank1.ring", "torchrun.log", "torchrun.node1.log"}, logs
     env = json.loads((run_dir / "env.json").read_text())
     assert env["nnodes"] == 2 and env["node_source"] == "slurm" and len(env["nodes"]) == 2
     return run_dir

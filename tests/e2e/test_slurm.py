@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.test_two_nodes import free_port
 from tests.support.slurm_cluster import ClusterUnavailable, SlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,8 +48,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 def job_env(cluster: SlurmCluster, tmp: Path, config: dict, results: Path) -> dict[str, str]:
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(config))
+    # A free port, not 29500 + job id: another test cluster on this host numbers its jobs alike.
     return dict(cluster.env, PYTHONPATH=str(REPO), ISP_BENCH_CONFIG=str(tmp / "sweep.yaml"),
-                ISP_BENCH_RESULTS=str(results), ISP_BENCH_PYTHON=sys.executable)
+                ISP_BENCH_RESULTS=str(results), ISP_BENCH_PYTHON=sys.executable, ISP_BENCH_RDZV_PORT=str(free_port()))
 
 
 def check_run(results: Path, cells: int = 1) -> Path:
@@ -128,11 +130,12 @@ def wait_for(what: str, done: Any, timeout: float) -> None:
 
 def queued(env: dict[str, str], job: str) -> bool:
     """Whether the job is still in the queue. Slurm holds a requeued batch job for two minutes
-    (its BeginTime); the test lets it start at once instead."""
+    (its BeginTime); the test lets it start a few seconds after the requeue instead (not at once:
+    slurmd refuses a job whose new credential dates from the second its old one was revoked)."""
     state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
                            text=True).stdout.strip()
     if state == "PENDING BeginTime":
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, check=True, timeout=30)
     return bool(state)
 
 

@@ -153,8 +153,9 @@ def merged_ranks(nodes: list[dict[str, Any]]) -> tuple[dict[int, Info], int]:
 
 
 def worth_saying(result: dict[str, Any], ranks: dict[int, Info]) -> bool:
-    """Something a log tail would not say: a rank in a collective, or one stopped or gone."""
-    return bool(result["waiting"]) or any(i.get("process") != "running" for i in ranks.values())
+    """Something a log tail would not say: a rank in a collective, or one stopped. (Ranks that all
+    exited outside collectives, a cell failing its own check, say nothing new.)"""
+    return bool(result["waiting"]) or any(i.get("process") == "stopped" for i in ranks.values())
 
 
 def summary(nodes: list[dict[str, Any]]) -> Optional[dict[str, Any]]:

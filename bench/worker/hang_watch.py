@@ -40,6 +40,8 @@ POLL_S = 0.5
 
 _ring: Optional[CollectiveRing] = None
 _world: tuple[int, ...] = ()
+_cell: Optional[tuple[Path, int]] = None  # the current cell's log folder and rank (the dump thread's)
+_DUMP_FILE_SET_BY_USER = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" in os.environ
 
 
 def ring_path(log_dir: Path, rank: int) -> Path:
@@ -55,8 +57,12 @@ def node_index() -> int:
 
 
 def install(log_dir: Path, rank: int) -> CollectiveRing:
-    """Before the process group exists: the ring, the stack signals, the Flight Recorder."""
-    global _ring, _world
+    """Before the cell's process group exists, after its output goes to its rank log: the ring,
+    the stack signals, the Flight Recorder. Again for each cell a process runs: the new cell's
+    ring replaces the last one, the stacks go to the new log, the dump thread serves the new folder."""
+    global _ring, _world, _cell
+    if _ring is not None:
+        _ring.close()
     world = int(os.environ.get("WORLD_SIZE", 1))
     _world = tuple(range(world))
     _ring = CollectiveRing(ring_path(log_dir, rank), rank, world, node_index(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -65,9 +71,11 @@ def install(log_dir: Path, rank: int) -> CollectiveRing:
     if "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:  # the old name, which torch 2.13 still reads
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FR_BUFFER)
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(log_dir / "nccl_trace_rank_"))
-    threading.Thread(target=_answer_dump_requests, args=(log_dir, rank), name="isp-bench-fr-dump",
-                     daemon=True).start()
+    if not _DUMP_FILE_SET_BY_USER:
+        os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(log_dir / "nccl_trace_rank_")
+    first, _cell = _cell is None, (log_dir, rank)
+    if first:
+        threading.Thread(target=_answer_dump_requests, name="isp-bench-fr-dump", daemon=True).start()
     return _ring
 
 
@@ -99,12 +107,13 @@ def track(kind: str, nbytes: int = 0) -> Iterator[None]:
         yield
 
 
-def _answer_dump_requests(log_dir: Path, rank: int) -> None:
-    request, answered = log_dir / DUMP_REQUEST, None
+def _answer_dump_requests() -> None:
+    answered = None
     while True:
         time.sleep(POLL_S)
+        log_dir, rank = _cell  # type: ignore[misc]  # set before the thread starts
         try:
-            stamp = request.read_text()
+            stamp = f"{log_dir}:{(log_dir / DUMP_REQUEST).read_text()}"
         except OSError:
             continue
         if stamp != answered:

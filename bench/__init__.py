@@ -6,12 +6,15 @@
                                             limits (alias bombs, cell count, name length)
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
-                                            (several nodes through torch's c10d store), env_info
+                                            (several nodes through torch's c10d store), env_info, hang +
+                                            hang_diagnosis (which rank holds the others, before the kill)
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
-                                            gather), timing, memory, nvml, profiling, nvtx, collectives, finish
+                                            gather), timing, memory, nvml, profiling, nvtx, collectives, finish,
+                                            collective_ring + hang_watch (each rank's last collectives in a
+                                            mapped file, stacks, Flight Recorder), rank_figures, ring_overhead
     4. numbers           bench/metrics/     measurement (the typed hand-over), assemble (every metric of a
                                             record), formulas, overlap, trace_figures, nccl_trace, roofline,
-                                            loss_check, collectives_spec
+                                            loss_check, collectives_spec, per_rank (each rank, the straggler)
     5. read and judge    bench/results/     records (writer and reader), torn, report, plots, compare, render,
                                             verdict, history (+ history_rows, acks), changepoint, series_state
                                             (open regressions), nightly_series (machine / straggler / code),

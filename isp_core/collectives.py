@@ -6,7 +6,9 @@ front before sending (reduce-scatter) or after receiving (all-gather), so the la
 really split along the requested dim (the reference only got the shape right).
 
 Every launch is counted in the group's CommStats and wrapped in a `record_function`
-label `isp.<kind>.<label>` so traces show which module's data moved.
+label `isp.<kind>.<label>` so traces show which module's data moved. When the CommStats has a
+launch log, each launch is also logged with its group's ranks, and when the rank starts and stops
+waiting for it (a synchronous call waits inside the launch; an asynchronous one in `wait()`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from isp_core.comm_stats import NO_TOKEN, CommStats
 from isp_core.topology import CommGroup, as_comm_group
 
 # torch 2.13 renamed the flat-buffer collectives; older releases (2.6-2.12) only have the old names.
@@ -29,8 +32,10 @@ _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp
 class Pending:
     """An issued collective. `wait()` completes it once and returns the result tensor."""
 
-    def __init__(self, work: Optional[dist.Work], finish: Callable[[], torch.Tensor]) -> None:
+    def __init__(self, work: Optional[dist.Work], finish: Callable[[], torch.Tensor],
+                 stats: Optional[CommStats] = None, token: int = NO_TOKEN) -> None:
         self._work, self._finish, self._result = work, finish, None
+        self._stats, self._token = stats, token
 
     @classmethod
     def done(cls, value: torch.Tensor) -> "Pending":
@@ -39,9 +44,26 @@ class Pending:
     def wait(self) -> torch.Tensor:
         if self._result is None:
             if self._work is not None:
+                if self._stats is not None:
+                    self._stats.waiting(self._token)
                 self._work.wait()
+                if self._stats is not None:
+                    self._stats.done(self._token)
             self._result = self._finish()
         return self._result
+
+
+def _launched(group: CommGroup, kind: str, nbytes: int, async_op: bool) -> int:
+    """Count and log one launch; a synchronous one is waited for inside the call itself."""
+    return group.stats.record(group.name, kind, nbytes, group.ranks, blocking=not async_op)
+
+
+def _pending(work: Optional[dist.Work], finish: Callable[[], torch.Tensor], group: CommGroup,
+             token: int) -> Pending:
+    """The handle of a launch; a synchronous one (no work to wait for) is complete already."""
+    if work is None:
+        group.stats.done(token)
+    return Pending(work, finish, group.stats, token)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -74,11 +96,11 @@ def all_gather(x: torch.Tensor, group: CommGroup, dim: int = 0, async_op: bool =
         buf = out if out is not None else x.new_empty(full)
     else:
         buf = x.new_empty([group.size, *x.shape])
-    group.stats.record(group.name, "all_gather", _nbytes(buf))
+    token = _launched(group, "all_gather", _nbytes(buf), async_op)
     with record_function(f"isp.all_gather.{label or group.name}"):
         work = _all_gather_flat(buf.view(-1), x.view(-1), group=group.pg, async_op=async_op)
     if dim == 0:
-        return Pending(work, lambda: buf)
+        return _pending(work, lambda: buf, group, token)
 
     def finish() -> torch.Tensor:
         result = _front_to_dim(buf, dim)
@@ -87,7 +109,7 @@ def all_gather(x: torch.Tensor, group: CommGroup, dim: int = 0, async_op: bool =
         out.copy_(result)
         return out
 
-    return Pending(work, finish)
+    return _pending(work, finish, group, token)
 
 
 def reduce_scatter(x: torch.Tensor, group: CommGroup, dim: int = 0, op: str = "avg",
@@ -103,20 +125,21 @@ def reduce_scatter(x: torch.Tensor, group: CommGroup, dim: int = 0, op: str = "a
     shard_shape = list(x.shape)
     shard_shape[dim] //= group.size
     result = out if out is not None else x.new_empty(shard_shape)
-    group.stats.record(group.name, "reduce_scatter", _nbytes(send))
+    token = _launched(group, "reduce_scatter", _nbytes(send), async_op)
     with record_function(f"isp.reduce_scatter.{label or group.name}"):
         work = _reduce_scatter_flat(result.view(-1), send.view(-1), op=_OPS[op],
                                           group=group.pg, async_op=async_op)
-    return Pending(work, lambda: result)
+    return _pending(work, lambda: result, group, token)
 
 
 def all_reduce_(x: torch.Tensor, group: CommGroup, op: str = "sum", label: str = "") -> torch.Tensor:
     """In-place synchronous all-reduce. AVG is done as SUM then divide, which every backend has."""
     if group.size == 1:
         return x
-    group.stats.record(group.name, "all_reduce", _nbytes(x))
+    token = _launched(group, "all_reduce", _nbytes(x), async_op=False)
     with record_function(f"isp.all_reduce.{label or group.name}"):
         dist.all_reduce(x, op=_OPS["sum" if op == "avg" else op], group=group.pg)
+    group.stats.done(token)
     if op == "avg":
         x.div_(group.size)
     return x
@@ -132,10 +155,10 @@ def all_to_all(x: torch.Tensor, group: CommGroup, scatter_dim: int, gather_dim: 
         return Pending.done(x)
     send = _chunks_to_front(x, scatter_dim, group.size)
     recv = torch.empty_like(send)
-    group.stats.record(group.name, "all_to_all", _nbytes(send))
+    token = _launched(group, "all_to_all", _nbytes(send), async_op)
     with record_function(f"isp.all_to_all.{label or group.name}"):
         work = dist.all_to_all_single(recv, send, group=group.pg, async_op=async_op)
-    return Pending(work, lambda: _front_to_dim(recv, gather_dim).contiguous())
+    return _pending(work, lambda: _front_to_dim(recv, gather_dim).contiguous(), group, token)
 
 
 class _SeqAllToAll(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 Exit codes: 0 every cell ok (or --dry-run), 1 some cell failed or timed out, 2 a config or
 usage error or a run folder that cannot be used (one line per problem on stderr, no traceback),
-3 the results stopped being writable mid-run, 130 interrupted (Ctrl-C, SIGTERM).
+3 the results stopped being writable mid-run, 130 interrupted (Ctrl-C, SIGTERM, SIGUSR1).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, default=GRACE_S, metavar="S",
                    help="on SIGTERM, stop the running cell and exit within S seconds (default 30)")
     p.add_argument("--results-dir", type=Path, default=Path("results"), help="where run folders go (results/)")
+    p.add_argument("--run-name", metavar="NAME",
+                   help="the run folder is RESULTS_DIR/NAME, not <UTC time>_<config name> (a Slurm job's id: "
+                        "requeued, the job resumes it, configs/slurm/nightly.sbatch)")
     p.add_argument("--link-profile", type=Path, metavar="RUN_DIR",
                    help="a run with collectives cells (docs/collectives.md): training cells record their "
                         "communication roofline from its tables")
@@ -124,6 +127,8 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
         raise ConfigError([f"--grace-s {args.grace_s:g}: expected a number of seconds > 0"])
     if args.retry != RETRYABLE and args.resume is None:
         raise ConfigError(["--retry: only with --resume RUN_DIR"])
+    if getattr(args, "run_name", None) is not None and args.resume is not None:
+        raise ConfigError(["--run-name: names a new run folder; --resume RUN_DIR continues one, drop one of them"])
     try:
         # Half the grace period for the job to stop on SIGTERM, the rest for the summary.
         return LaunchOptions(torchrun_args=tuple(args.torchrun_arg),
@@ -164,13 +169,19 @@ def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, P
     if args.dry_run:
         _print_cells(bench, list(bench.cells))
         return 0, None
-    try:
-        run_dir = runner.new_run_dir(args.results_dir, bench.name)
-    except OSError as exc:
-        raise runner.RunRefused(f"{args.results_dir}: cannot create a run folder there ({exc.strerror or exc})") from None
+    run_dir = _new_run_dir(args, bench)
     with runner.claimed(run_dir) as claim:
         runner.prepare(run_dir, bench, command_line, nnodes=opts.nnodes)
         return _sweep(args, run_dir, bench, list(bench.cells), replace(opts, run_token=claim.token))
+
+
+def _new_run_dir(args: argparse.Namespace, bench: BenchConfig) -> Path:
+    if getattr(args, "run_name", None) is not None:  # `nightly` builds its own Namespace, without it
+        return runner.named_run_dir(args.results_dir, args.run_name)
+    try:
+        return runner.new_run_dir(args.results_dir, bench.name)
+    except OSError as exc:
+        raise runner.RunRefused(f"{args.results_dir}: cannot create a run folder there ({exc.strerror or exc})") from None
 
 
 def _resume(args: argparse.Namespace, host: object, opts: LaunchOptions) -> tuple[int, Path | None]:
@@ -206,7 +217,10 @@ def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOp
         if args.resume is not None:
             return args.resume, _to_rerun(args, _resumed_config(args, host), None)
         bench = load_config(args.config, args.set, args.filter, host, _max_cells(args))  # type: ignore[arg-type]
-        run_dir = runner.new_run_dir(args.results_dir, bench.name)
+        try:
+            run_dir = _new_run_dir(args, bench)
+        except runner.RunRefused as exc:  # as a config error, so the other nodes hear of it too
+            raise ConfigError([str(exc)]) from None
         runner.prepare(run_dir, bench, command_line, nnodes=spec.nnodes)
         return run_dir, list(bench.cells)
 

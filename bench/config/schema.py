@@ -112,6 +112,8 @@ class RunConfig(Section):
                                      nullable=True)
     check_loss: Any = _f("auto", "auto_bool", "compare losses with a 1-process run in the same dtype; auto: "
                                               "whenever the reference fits the device, else the record says why")
+    straggler_pct: float = _f(5.0, "float", "a rank whose compute time is more than this % above the median "
+                                            "rank's is a straggler (metrics.straggler)", gt=0.0)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from bench.metrics.formulas import (achieved_tflops, algbw, busbw, causal_pairs_
 from bench.worker.timing import summarize
 from bench.metrics.loss_check import compare as compare_losses
 from bench.metrics.measurement import Measurement
+from bench.metrics.per_rank import per_rank, straggler
 from bench.strategies.common import data_spec, model_config
 from bench.strategies.isp import settings_from
 from isp_core.data import global_batch
@@ -133,6 +134,9 @@ def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -
         metrics["nvml"] = nvml_metrics(nvml, m)
     if m.link_curves and (roof := roofline_metrics(config, metrics, m.link_curves)) is not None:
         metrics["roofline"] = roof
+    if (ranks := per_rank(m, device.type)) is not None:  # each rank's own figures, the straggler
+        metrics["per_rank"] = ranks
+        metrics["straggler"] = straggler(ranks, config.run.straggler_pct)
     return metrics
 
 

@@ -21,13 +21,14 @@ REDOP = {"all_gather": "none", "reduce_scatter": "avg", "all_to_all": "none", "a
 # Ops whose buffer is split into one equal chunk per rank: their counts are multiples of n.
 CHUNKED = ("all_gather", "reduce_scatter", "all_to_all")
 
-# (header, unit, JSON key, format) in nccl-tests' order; min/max/p99 come after #wrong.
+# (header, unit, JSON key, format) in nccl-tests' order; min/max/p99 come after #wrong, then skew:
+# 100 (max - min) / max of the ranks' times, how unevenly the ranks saw the same collective.
 COLUMNS = [("size", "(B)", "size_bytes", "{:>12d}"), ("count", "(elements)", "count", "{:>12d}"),
            ("type", "", "type", "{:>9s}"), ("redop", "", "redop", "{:>6s}"),
            ("time", "(us)", "time_us", "{:>10.2f}"), ("algbw", "(GB/s)", "algbw_gbps", "{:>8.3f}"),
            ("busbw", "(GB/s)", "busbw_gbps", "{:>8.3f}"), ("#wrong", "", "wrong", "{:>7d}"),
            ("min", "(us)", "min_us", "{:>10.2f}"), ("max", "(us)", "max_us", "{:>10.2f}"),
-           ("p99", "(us)", "p99_us", "{:>10.2f}")]
+           ("p99", "(us)", "p99_us", "{:>10.2f}"), ("skew", "(%)", "skew_pct", "{:>7.1f}")]
 
 
 def message_sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
@@ -65,6 +66,7 @@ def finish(doc: dict[str, Any], floor: float | None) -> dict[str, Any]:
     for op in doc["ops"].values():
         op["avg_busbw_gbps"] = mean([r["busbw_gbps"] for r in op["rows"]])
     doc["avg_busbw_gbps"] = mean([r["busbw_gbps"] for r in rows])
+    doc["max_skew_pct"] = max((r["skew_pct"] for r in rows), default=None)
     doc["wrong"] = sum(r["wrong"] for r in rows)
     doc["min_busbw_gbps"] = floor
     doc["error"] = failure(doc)

@@ -19,6 +19,9 @@ class RankMeasurement:
     nvml: Optional[dict[str, Any]] = None  # the sampler's summary, or why it is unavailable
     # {"traces": [...], "active_steps": n, "figures": trace_figures of its own first trace, "memory_snapshot"?}
     profile: Optional[dict[str, Any]] = None
+    # its own measured steps (bench/worker/rank_figures.py): {"node", "step_s", "compute_s", "comm_s",
+    # "exposed_comm_s"}, one value per step each
+    steps: Optional[dict[str, Any]] = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ import yaml
 from tabulate import tabulate
 
 from bench.results.records import flatten, latest, lookup, number, read_records  # noqa: F401 - read_records re-exported
+from bench.results.straggler_line import slowest_rank_line
 
 MISSING = "—"
 Record = dict[str, Any]
@@ -90,6 +91,8 @@ COLUMNS: list[Column] = [
            best=("nvml.energy_per_token_j", "min")),
     Column("comm / roofline", _scaled("roofline.ratio", 1.0, ".2f"), optional=True),
     Column("busbw GB/s (collectives)", _scaled("collectives.avg_busbw_gbps", 1.0, ".3g"), optional=True),
+    Column("max skew % (collectives)", _scaled("collectives.max_skew_pct", 1.0, ".1f"), optional=True),
+    Column("slowest rank (compute vs median)", lambda r, _: slowest_rank_line(r.get("metrics")), optional=True),
     Column("bytes = formula", _flag("comm.matches_prediction"), optional=True),
     Column("loss = reference", _flag("loss_matches_reference"), optional=True),
     Column("error", lambda r, _: (r.get("error") or {}).get("reason"), optional=True),
@@ -203,6 +206,7 @@ def write_summary(run_dir: Path | str) -> str:
     lines = _header(run_dir, records) + [table(run_dir, "github"), "",
                                           f"`{BEST.strip()}` marks the best value of a column among the ok cells.", ""]
     lines += _plots(run_dir)
+    lines += _slowest_ranks(records)
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         lines += ["## Failures", ""]
@@ -212,6 +216,18 @@ def write_summary(run_dir: Path | str) -> str:
     (run_dir / "summary.md").write_text("\n".join(lines))
     write_csv(run_dir)
     return table(run_dir)
+
+
+def _slowest_ranks(records: list[Record]) -> list[str]:
+    """Each cell's slowest rank, its node and its lag (the table's column, with the threshold)."""
+    rows = [(r, line) for r in records if (line := slowest_rank_line(r.get("metrics"))) is not None]
+    if not rows:
+        return []
+    lines = ["## Slowest rank per cell", "",
+             "Compute time (the step outside collective waits) of each cell's slowest rank against the median "
+             "rank's; `straggler` past `run.straggler_pct`.", ""]
+    lines += [f"- `{r['cell']}`: {line} (threshold {r['metrics']['straggler']['threshold_pct']:g}%)" for r, line in rows]
+    return lines + [""]
 
 
 def _plots(run_dir: Path) -> list[str]:

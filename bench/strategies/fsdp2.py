@@ -3,7 +3,8 @@ norm, head), over all ranks: ZeRO-3 data parallelism, dp = world_size.
 
 Counting. FSDP2 issues its all-gathers and reduce-scatters through its `AllGather` and
 `ReduceScatter` objects (`set_custom_all_gather` / `set_custom_reduce_scatter`); here
-subclasses of its defaults record the bytes, then call the default. Nothing of
+subclasses of its defaults record the bytes, then call the default; an asynchronous launch's
+Work comes back wrapped, so the launch log sees when FSDP2 waits for it. Nothing of
 torch.distributed is replaced; tests compare these counts with the c10d ops seen at the
 dispatcher and with bench/strategies/peer_formula.py.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -29,11 +31,33 @@ from bench.strategies.peer_trainer import PeerTrainer, build_peer_trainer
 from isp_core.data import DataSpec
 from isp_core.engine import ISPSettings
 from isp_core.model import LlamaConfig, LlamaModel
+from isp_core.comm_stats import CommStats
 from isp_core.topology import CommGroup, ParallelTopology
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class _LoggedWork(dist.Work):
+    """An asynchronous launch's Work whose wait() is logged (FSDP2 checks isinstance Work)."""
+
+    def __init__(self, work: dist.Work, stats: CommStats, token: int) -> None:
+        super().__init__()
+        self._work, self._stats, self._token = work, stats, token
+
+    def wait(self, timeout: Any = None) -> bool:
+        self._stats.waiting(self._token)
+        result = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._stats.done(self._token)
+        return result
+
+
+def _logged(work: Optional[dist.Work], stats: CommStats, token: int) -> Optional[dist.Work]:
+    if work is None:  # a synchronous launch: it returned complete
+        stats.done(token)
+        return None
+    return _LoggedWork(work, stats, token)
 
 
 class CountingAllGather(DefaultAllGather):
@@ -45,8 +69,9 @@ class CountingAllGather(DefaultAllGather):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
                  async_op: bool = False) -> Any:
-        self.group.stats.record(self.group.name, "all_gather", _nbytes(output_tensor))
-        return super().__call__(output_tensor, input_tensor, group, async_op)
+        g = self.group
+        token = g.stats.record(g.name, "all_gather", _nbytes(output_tensor), g.ranks, blocking=not async_op)
+        return _logged(super().__call__(output_tensor, input_tensor, group, async_op), g.stats, token)
 
 
 class CountingReduceScatter(DefaultReduceScatter):
@@ -58,8 +83,9 @@ class CountingReduceScatter(DefaultReduceScatter):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
                  async_op: bool = False) -> Any:
-        self.group.stats.record(self.group.name, "reduce_scatter", _nbytes(input_tensor))
-        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+        g = self.group
+        token = g.stats.record(g.name, "reduce_scatter", _nbytes(input_tensor), g.ranks, blocking=not async_op)
+        return _logged(super().__call__(output_tensor, input_tensor, group, op, async_op), g.stats, token)
 
 
 def master_model(model: LlamaModel) -> LlamaModel:

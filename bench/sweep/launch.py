@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
+from bench.sweep import hang
 from bench.sweep.processes import (
     RUN_ENV,
     die_with_parent,
@@ -159,6 +160,7 @@ def _append_line(path: Path, text: str) -> None:
 def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
     """Run the cell's torchrun job to its end, its timeout, or an interrupt (status interrupted)."""
     paths.result.unlink(missing_ok=True)  # a result left by an earlier attempt must not count
+    hang.clear(paths)
     start_attempt(cell, paths, opts)
     start = time.monotonic()
     with open(paths.torchrun_log, "a") as log:
@@ -171,8 +173,10 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:
             with shielded():
+                ranks = hang.collect(paths, live=True)  # what every rank was doing, before the kill
                 kill_tree(proc, opts.kill_grace_s)
             error = failure(paths, None, f"timeout after {cell.run.timeout_s:g}s")
+            error = hang.explain(paths, error, ranks, timed_out=True, rewrite=opts.nnodes == 1)
             return Outcome("timeout", None, error, time.monotonic() - start)
         except KeyboardInterrupt as exc:
             with shielded():
@@ -180,10 +184,10 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
             signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
             return Outcome("interrupted", None, failure(paths, None, f"interrupted by {signame}"),
                            time.monotonic() - start)
-    return judge(paths, proc.returncode, time.monotonic() - start)
+    return judge(paths, proc.returncode, time.monotonic() - start, opts.nnodes)
 
 
-def judge(paths: CellPaths, returncode: int, wall: float) -> Outcome:
+def judge(paths: CellPaths, returncode: int, wall: float, nnodes: int = 1) -> Outcome:
     """The outcome of a job that ended by itself, from its exit status and result.json."""
     if returncode != 0:
         metrics, reason = judged_result(paths.result)
@@ -192,7 +196,9 @@ def judge(paths: CellPaths, returncode: int, wall: float) -> Outcome:
             # that (gloo's teardown abort) costs nothing measured; say so and keep the result.
             why = failure(paths, returncode, None)["reason"]
             return Outcome("ok", agreed, None, wall, (f"{why} after every rank agreed on the result",))
-        return Outcome("failed", metrics, failure(paths, returncode, reason), wall)
+        error = hang.explain(paths, failure(paths, returncode, reason), hang.collect(paths, live=False),
+                             timed_out=False, rewrite=nnodes == 1)  # a lost rank: where the others were
+        return Outcome("failed", metrics, error, wall)
     metrics, problem = read_result(paths.result)
     if problem:
         return Outcome("failed", None, failure(paths, 0, problem), wall)

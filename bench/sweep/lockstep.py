@@ -26,6 +26,7 @@ from bench.sweep.launch import (
     launch,
     read_result,
 )
+from bench.sweep import hang
 from bench.sweep.team import Team
 
 LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
@@ -209,7 +210,7 @@ def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome,
     for r in team.others:
         per_node[r] = _receive(team, n, run_dir.resolve(), r) if team.has(keys[r]) else (
             why if why != "timeout" else f"node {r} sent nothing within {INTERRUPTED_WAIT_S:g}s of the stop")
-    merged = merge(per_node, paths, time.monotonic() - start)
+    merged = hang.across_nodes(merge(per_node, paths, time.monotonic() - start), paths)
     team.put(f"c{n}/final", _as_json(merged))
     return merged
 

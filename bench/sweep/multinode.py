@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import socket
 import sys
@@ -25,6 +26,7 @@ from bench.sweep import env_info, lockstep
 from bench.sweep.nodes import NodeSpec
 from bench.sweep.runner import EXIT_FAILED_CELLS, EXIT_INTERRUPTED
 from bench.sweep.team import NodeLost, Team
+from bench.worker.hang_watch import NODE_ENV
 
 # What env.json says about every node (compare diffs the flat keys, which stay node 0's).
 NODE_KEYS = ("hostname", "platform", "cpu_count", "torch", "cuda", "nccl", "cuda_available", "gpu",
@@ -43,6 +45,7 @@ def node_entry(node_rank: int) -> dict[str, Any]:
 def run(spec: NodeSpec, results_dir: Path, head_plan: HeadPlan, sweep: Sweep,
         summarize: Callable[[Path], None]) -> int:
     """This node's part of the sweep; the exit code as the one-node runner's."""
+    os.environ[NODE_ENV] = str(spec.node_rank)  # every rank's ring says which node it ran on
     try:
         team = Team(spec)
     except NodeLost as exc:

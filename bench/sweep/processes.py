@@ -37,12 +37,12 @@ def alive(pid: int, started: str | None) -> bool:
     return started is not None and start_time(pid) == started
 
 
-HELD = {signal.SIGINT, signal.SIGTERM}
+HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}  # the runner's stop signals (bench/sweep/runner.py)
 
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered on exit): Python runs a handler raised during
+    """Hold the stop signals (SIGINT, SIGTERM, SIGUSR1) back (delivered on exit): Python runs a handler raised during
     Popen's fork inside an at-fork hook that prints and drops the exception, so the runner
     would miss its Ctrl-C or SIGTERM. The child unblocks them (die_with_parent's preexec)."""
     if threading.current_thread() is not threading.main_thread():
@@ -61,7 +61,7 @@ def shielded() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in sorted(HELD)}
     try:
         yield
     finally:

@@ -5,8 +5,8 @@ before the first cell starts and results.jsonl gains an fsync'ed line per finish
 crash or Ctrl-C loses at most the cell that was running, and --resume picks up from there.
 
 A runner claims its folder first (claimed(): the lock, what a dead runner left, a torn tail, a
-probe write); SIGTERM (a scheduler's time limit) stops the running cell's job, records the
-cell as interrupted and writes the summary within --grace-s. docs/runs.md tells the story.
+probe write); SIGTERM (a scheduler's time limit) or SIGUSR1 (Slurm's warning before it) stops the running
+cell's job, records the cell as interrupted and writes the summary within --grace-s. docs/runs.md tells the story.
 """
 
 from __future__ import annotations
@@ -63,6 +63,21 @@ def new_run_dir(results_dir: Path, name: str, now: datetime | None = None) -> Pa
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+
+
+def named_run_dir(results_dir: Path, name: str) -> Path:
+    """results/<name>/ exactly (--run-name: a Slurm job names its folder after its id, so the job,
+    requeued, finds it again); refused when it already holds a run, which --resume continues."""
+    if not name or "/" in name or name.startswith(".") or name in ("..", "."):
+        raise RunRefused(f"--run-name {name!r}: expected a folder name (no '/', not starting with '.')")
+    path = results_dir / name
+    if (path / "cells.json").exists():
+        raise RunRefused(f"{path}: already holds a run; continue it with --resume {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)  # an empty one is a start cut short before prepare()
+    except OSError as exc:
+        raise RunRefused(f"{results_dir}: cannot create a run folder there ({exc.strerror or exc})") from None
+    return path
 
 
 def prepare(run_dir: Path, bench: BenchConfig, command_line: list[str], nnodes: int = 1) -> None:
@@ -148,10 +163,14 @@ def progress(outcome: Outcome, elapsed: float, durations: list[float], left: int
     return f"{outcome.status} {outcome.wall_s:.1f}s{reason} (elapsed {fmt_duration(elapsed)}{eta})"
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: Slurm's --signal warning before the time limit
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt(grace_s: float) -> Iterator[None]:
-    """A batch scheduler cancels with SIGTERM, then SIGKILLs after its own grace period: stop the
-    cell (launch turns this into an interrupted record) and leave within `grace_s`. A watchdog
+    """A batch scheduler cancels with SIGTERM (or warns with SIGUSR1 before the time limit,
+    configs/slurm/nightly.sbatch), then SIGKILLs after its own grace period: stop the cell
+    (launch turns this into an interrupted record) and leave within `grace_s`. A watchdog
     makes the deadline hard (SIGKILL, exit 137); what it cuts short, --resume repairs."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -159,13 +178,14 @@ def _sigterm_as_interrupt(grace_s: float) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         kill_me_after(grace_s)
-        raise Interrupted("SIGTERM")
+        raise Interrupted(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]) -> None:

@@ -24,6 +24,7 @@ from bench.config.cell import CellConfig
 from bench.metrics.roofline import LINKS_FILE, curves_from_json
 from bench.worker.cell import run_cell, setup
 from bench.worker.finish import teardown, write_agreed_result
+from bench.worker.hang_watch import install as install_hang_watch
 
 
 def redirect_output(log_dir: Path, rank: int) -> None:
@@ -47,6 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     redirect_output(args.log_dir, rank)
+    install_hang_watch(args.log_dir, rank)  # before any collective: ring, stack signal, Flight Recorder
     try:
         config = CellConfig.from_dict(json.loads(args.cell_config.read_text()))
         device = setup(config)

@@ -28,11 +28,14 @@ from bench.strategies.common import TORCH_DTYPES, data_spec, model_config, to_de
 from bench.worker.memory import peak_memory, reset_peak
 from bench.worker.nvml import NvmlSampler, local_device_ids
 from bench.worker.nvtx import NvtxRanges, nvtx_step
+from bench.worker import hang_watch
+from bench.worker.rank_figures import captured, rank_steps
 from bench.worker.profiling import Profiler, dump_memory_snapshot, start_memory_history, steps_needed, stop_memory_history
 from bench.worker.timing import StepTimer, all_ranks_agree, reduce_max_across_ranks
 from isp_core.attention import attention_backend
 from isp_core.data import DataSpec, MicroBatch, micro_batches
 from bench.strategies.isp import settings_from
+from isp_core.comm_stats import CommStats
 from isp_core.topology import ParallelTopology
 
 NVML_OVERHEAD_STEPS = 3
@@ -75,7 +78,7 @@ def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device)
     # Raises (the cell fails) when run.attention is flash and flash-attn cannot run here.
     attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])
     print(f"attention: {attention.name} ({attention.reason})", flush=True)
-    topo = ParallelTopology.from_env(p.sp, p.wp)
+    topo = ParallelTopology.from_env(p.sp, p.wp, CommStats(hang_watch.ring()))
     trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
                                        seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
                                        lr=config.run.lr)
@@ -124,13 +127,15 @@ def measure(cell: Cell) -> LocalMeasurement:
     timer = StepTimer(cell.device)
     if sampler is not None:
         sampler.start()
-    losses = run_steps(cell, step, run.measure_steps, timer)
+    with captured() as launches:  # each launch's times: the rank's compute/comm split per step
+        losses = run_steps(cell, step, run.measure_steps, timer)
     if sampler is not None:
         sampler.stop()
     step += run.measure_steps
     comm = stats.snapshot()
     stats.enabled = False  # later phases must not change the per-step counts
     out = LocalMeasurement(timer.samples, RankMeasurement(losses, comm, peak_memory(cell.device)), run.warmup_steps)
+    out.rank.steps = rank_steps(timer, launches)
     if sampler is not None:
         out.rank.nvml = window_summary(sampler, run.measure_steps, cell.config.tokens_per_step)
     out.nvml_off_samples, out.nvml_on_samples = nvml_overhead(cell, sampler, run.warmup_steps)
@@ -204,7 +209,8 @@ def profile(cell: Cell, first_step: int) -> Optional[dict[str, Any]]:
 
 def gather_per_rank(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    with hang_watch.track("all_gather_object"):
+        dist.all_gather_object(out, value)
     return out
 
 

@@ -26,6 +26,8 @@ from bench.config.cell import CellConfig
 from bench.metrics.formulas import algbw, busbw
 from bench.worker.timing import StepTimer, gather_across_ranks, percentile
 from isp_core.collectives import Pending, all_gather, all_reduce_, all_to_all, reduce_scatter
+from bench.worker import hang_watch
+from isp_core.comm_stats import CommStats
 from isp_core.topology import CommGroup, ParallelTopology
 
 # Test hook (docs/collectives.md): in the cell with this id, the last rank sets element 0 of
@@ -161,13 +163,14 @@ def make_row(op: str, count: int, dtype: str, n: int, samples_s: list[float], wr
 
 def _world_sum(value: int, dev: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=dev)
-    dist.all_reduce(t)
+    with hang_watch.track("all_reduce", 8):
+        dist.all_reduce(t)
     return int(t.item())
 
 
 def sweep(config: CellConfig, cell_id: str, dev: torch.device) -> dict[str, Any]:
     c, p = config.collectives, config.parallel
-    topo = ParallelTopology.from_env(p.sp, p.wp)
+    topo = ParallelTopology.from_env(p.sp, p.wp, CommStats(hang_watch.ring()))
     topo.stats.enabled = False
     print(topo, flush=True)
     g = topo.groups[c.group]

@@ -14,6 +14,7 @@ from typing import Any
 import torch.distributed as dist
 
 from bench.results.records import write_json_atomic
+from bench.worker.hang_watch import track
 
 
 def write_agreed_result(out: Path, payload: dict[str, Any]) -> None:
@@ -21,7 +22,8 @@ def write_agreed_result(out: Path, payload: dict[str, Any]) -> None:
     rank = dist.get_rank()
     if rank == 0:
         write_json_atomic(out, payload)
-    dist.barrier()
+    with track("barrier"):
+        dist.barrier()
     if rank == 0:
         write_json_atomic(out, {**payload, "agreed_by_ranks": dist.get_world_size()})
 

@@ -4,6 +4,8 @@ A step's time is the time of the slowest rank: every timed step starts after a b
 the ranks' launch skew is not timed), then on CUDA each rank times its own stream with
 events and the worker takes the element-wise max over ranks (`reduce_max_across_ranks`); on
 CPU the timer also ends with a barrier, so every rank already reads the synchronised wall clock.
+Each rank's own time (before the closing barrier) and its step windows on the monotonic clock
+are kept beside it (`own_samples`, `windows`: bench/worker/rank_figures.py splits them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from bench.worker.hang_watch import track
 
 
 def percentile(sorted_samples: Sequence[float], q: float) -> float:
@@ -77,12 +81,18 @@ class StepTimer:
     sample is t1 - t0. The barriers (when torch.distributed is initialised) make
     every rank start together and stop only when the slowest rank is done, so the
     sample is the synchronised wall clock; it includes one barrier latency.
+
+    `own_samples`: this rank's own seconds per step (CUDA: the events' time; CPU: until the
+    rank is done, before the closing barrier); `windows`: (start, end) of each step on this
+    rank in time.monotonic_ns(), the clock of the collective ring.
     """
 
     def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None = None) -> None:
         self.device = torch.device(device)
         self.group = group
         self.samples: list[float] = []
+        self.own_samples: list[float] = []
+        self.windows: list[tuple[int, int]] = []
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -99,23 +109,34 @@ class StepTimer:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         self._barrier()
+        w0 = time.monotonic_ns()
         start.record()
         yield
         end.record()
         end.synchronize()
+        self.windows.append((w0, time.monotonic_ns()))
         self.samples.append(start.elapsed_time(end) / 1000.0)
+        self.own_samples.append(self.samples[-1])
 
     @contextlib.contextmanager
     def _cpu_step(self) -> Iterator[None]:
         self._barrier()
         t0 = time.perf_counter()
+        w0 = time.monotonic_ns()
         yield
+        w1 = time.monotonic_ns()
         self._barrier()
         self.samples.append(time.perf_counter() - t0)
+        self.windows.append((w0, w1))
+        self.own_samples.append((w1 - w0) * 1e-9)
 
     def _barrier(self) -> None:
         if not _dist_ready():
             return
+        with track("barrier"):
+            self._barrier_now()
+
+    def _barrier_now(self) -> None:
         if self.device.type == "cuda" and "nccl" in str(dist.get_backend(self.group)).lower():
             # NCCL's barrier is an all-reduce on the device; synchronising after it makes the
             # host wait until every rank has arrived, so no rank's start event runs early.
@@ -128,6 +149,8 @@ class StepTimer:
     def reset(self) -> None:
         """Drop the samples taken so far (e.g. after warm-up)."""
         self.samples.clear()
+        self.own_samples.clear()
+        self.windows.clear()
 
 
 def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -145,7 +168,8 @@ def all_ranks_agree(flag: bool, device: torch.device | str | None = None,
     if not _dist_ready():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduction_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    with track("all_reduce", 4):
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
@@ -155,7 +179,8 @@ def gather_across_ranks(value: float, group: dist.ProcessGroup | None = None) ->
         return [float(value)]
     t = torch.tensor([value], dtype=torch.float64, device=_reduction_device(group))
     out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t, group=group)
+    with track("all_gather", 8 * len(out)):
+        dist.all_gather(out, t, group=group)
     return [float(x.item()) for x in out]
 
 
@@ -168,5 +193,6 @@ def reduce_max_across_ranks(samples: list[float], group: dist.ProcessGroup | Non
     if not _dist_ready():
         return [float(x) for x in samples]
     t = torch.tensor(samples, dtype=torch.float64, device=_reduction_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    with track("all_reduce", 8 * len(samples)):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [float(x) for x in t.cpu().tolist()]

@@ -135,7 +135,7 @@ def assert_table_matches_json(text: str, doc: dict[str, Any]) -> None:
         for fields, row in zip(rows, doc["ops"][op]["rows"], strict=True):
             want = [str(row["size_bytes"]), str(row["count"]), row["type"], row["redop"], f"{row['time_us']:.2f}",
                     f"{row['algbw_gbps']:.3f}", f"{row['busbw_gbps']:.3f}", str(row["wrong"]),
-                    f"{row['min_us']:.2f}", f"{row['max_us']:.2f}", f"{row['p99_us']:.2f}"]
+                    f"{row['min_us']:.2f}", f"{row['max_us']:.2f}", f"{row['p99_us']:.2f}", f"{row['skew_pct']:.1f}"]
             assert fields == want
         assert f"Avg bus bandwidth    : {doc['ops'][op]['avg_busbw_gbps']:.6g} GB/s ({op})" in text
     assert f"Avg bus bandwidth    : {doc['avg_busbw_gbps']:.6g} GB/s (all ops)" in text

@@ -123,7 +123,8 @@ def test_node_0_folder_holds_every_ranks_log_and_trace(sweep: Nodes) -> None:
     run_dir = sweep.run_dir()
     for cell, world in (("ws2", 2), ("ws4", 4)):
         logs = {p.name for p in (run_dir / "logs" / cell).iterdir()}
-        assert logs == {*(f"rank{r}.log" for r in range(world)), "torchrun.log", "torchrun.node1.log"}, logs
+        assert logs == {*(f"rank{r}.{ext}" for r in range(world) for ext in ("log", "ring")), "torchrun.log",
+                        "torchrun.node1.log"}, logs
         assert all((run_dir / "logs" / cell / f"rank{r}.log").stat().st_size > 0 for r in range(world))
         traces = sorted(p.name for p in (run_dir / "traces" / cell).iterdir())
         assert traces == [f"rank{r}.json.gz" for r in range(world)]

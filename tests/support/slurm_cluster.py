@@ -70,7 +70,8 @@ def _kill_pidfile(path: Path, timeout: float = 10.0) -> None:
 @dataclass
 class SlurmCluster:
     root: Path
-    name: str = field(default_factory=lambda: "ispb" + uuid.uuid4().hex[:8])
+    # A prefix of one's own (SLURM_TEST_CLUSTER_PREFIX) keeps clusters of parallel sessions apart.
+    name: str = field(default_factory=lambda: os.environ.get("SLURM_TEST_CLUSTER_PREFIX", "ispb") + uuid.uuid4().hex[:8])
     started_munge: bool = False
 
     @property

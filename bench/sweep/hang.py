@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from bench.sweep.launch import CellPaths, Outcome
 
 STACKS_MARK = "==== Python stacks requested by the runner (SIGUSR2) ===="
-DUMP_WAIT_S = 3.0  # how long live ranks get to write their stacks and Flight Recorder dumps
+DUMP_WAIT_S = 5.0  # how long live ranks get to write their stacks and Flight Recorder dumps
 RECENT = 8  # launches per rank kept in the record
 STACK_LINES = 24
 _STATES = {"T": "stopped", "t": "stopped", "Z": "exited", "X": "exited"}
@@ -84,10 +84,15 @@ def _request_dumps(log_dir: Path, live: list[dict[str, Any]]) -> None:
             os.kill(info["pid"], STACK_SIGNAL)
         except ProcessLookupError:
             pass
+    # On a loaded host a signalled rank may wait a while for a core: wait for both dumps of every
+    # live rank (its stacks in its log, its Flight Recorder file), up to DUMP_WAIT_S in all.
     deadline = time.monotonic() + DUMP_WAIT_S
-    while time.monotonic() < deadline and not all(fr_path(log_dir, i["rank"]).is_file() for i in live):
+    while time.monotonic() < deadline and not all(_dumped(log_dir, i["rank"]) for i in live):
         time.sleep(0.1)
-    time.sleep(0.2)  # the stack dump is written in the signal handler: long done, but let it land
+
+
+def _dumped(log_dir: Path, rank: int) -> bool:
+    return fr_path(log_dir, rank).is_file() and bool(main_thread_stack(log_dir / f"rank{rank}.log"))
 
 
 def main_thread_stack(log: Path) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.config import CellConfig
 from bench.metrics.roofline import LINKS_FILE
+from bench.sweep import attempt_logs, peer_loss
 from bench.sweep.launch import (
     CellPaths,
     LaunchOptions,
@@ -91,17 +92,22 @@ def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, op
 
 
 def _launch(team: Team, launch_fn: LaunchFn, config: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
-    """The local torchrun job, which a stop from another node may interrupt (and only it)."""
-    team.heartbeat.in_launch.set()
-    try:
-        if team.heartbeat.stop_reason:  # came in just before: do not start the job at all
-            local = Outcome("interrupted", None, _error("interrupted"), 0.0)
-        else:
-            local = launch_fn(config, paths, opts)
-    finally:
-        team.heartbeat.in_launch.clear()
+    """The local torchrun job, which a stop from another node may interrupt (and only it), and
+    which node 0 ends when a peer is lost (the cell then fails, naming the lost node)."""
+    team.heartbeat.lost_peer = None
+    with peer_loss.ends_the_job():
+        team.heartbeat.in_launch.set()
+        try:
+            if team.heartbeat.stop_reason:  # came in just before: do not start the job at all
+                local = Outcome("interrupted", None, _error("interrupted"), 0.0)
+            else:
+                local = launch_fn(config, paths, opts)
+        finally:
+            team.heartbeat.in_launch.clear()
     if team.heartbeat.stop_reason and local.status != "ok":  # came in as the job ended: an ok job stays ok
         local = as_interrupted(local)
+    elif local.interrupted and (lost := team.heartbeat.lost_peer):
+        return dataclasses.replace(local, status="failed", error={**(local.error or {}), "reason": f"job ended: {lost}"})
     return _why_stopped(team, local) if local.interrupted else local
 
 
@@ -178,6 +184,9 @@ def _ship(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome) -
     for i, (rel, path) in enumerate(_files_to_ship(run_dir, paths).items()):
         if Path(rel).name == "torchrun.log":  # every node has one: keep them apart
             rel = str(Path(rel).with_name(f"torchrun.node{r}.log"))
+        elif rel.endswith(".log") and attempt_logs.only_marks(path.read_bytes()):
+            path.unlink()  # marked for a rank that ran on another node: node 0's copy is the real one
+            continue
         key = f"c{n}/file/{r}/{i}"
         team.put_bytes(key, path.read_bytes())
         manifest[rel] = key
@@ -189,12 +198,16 @@ def _ship(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome) -
                                     "files": manifest})
 
 
-def _receive(team: Team, n: int, run_dir: Path, r: int) -> Outcome:
+def _receive(team: Team, n: int, run_dir: Path, r: int, mark: str) -> Outcome:
     doc = team.take(f"c{n}/outcome/{r}")
     for rel, key in doc["files"].items():
         dest = run_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(team.take_bytes(key))
+        data = team.take_bytes(key)
+        if rel.startswith("logs/") and rel.endswith(".log"):
+            attempt_logs.append(dest, data, mark)
+        else:
+            dest.write_bytes(data)
     return _from_json(doc["outcome"])
 
 
@@ -206,8 +219,9 @@ def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome,
 
     why = team.wait_for(lambda: not pending(), give_up=_lost_or_late(team, pending))
     per_node: dict[int, Outcome | str] = {0: local}
+    mark = attempt_logs.last_mark(paths.torchrun_log)
     for r in team.others:
-        per_node[r] = _receive(team, n, run_dir.resolve(), r) if team.has(keys[r]) else (
+        per_node[r] = _receive(team, n, run_dir.resolve(), r, mark) if team.has(keys[r]) else (
             why if why != "timeout" else f"node {r} sent nothing within {INTERRUPTED_WAIT_S:g}s of the stop")
     merged = merge(per_node, paths, time.monotonic() - start)
     team.put(f"c{n}/final", _as_json(merged))

@@ -5,8 +5,9 @@ On one node every log of a cell holds each attempt after a `==== attempt N ... =
 as its own (rank0..rank<k-1>, before it knows which global ranks torchrun gives it) in a
 staging folder that starts afresh each cell, and ships them to node 0 afterwards. So a
 shipped log may be nothing but a mark (its rank ran on another node: node 0 must keep its
-own copy, not take the empty one), and the mark it carries always says attempt 1. Node 0
-therefore appends each shipped log under its own mark of the attempt, after the earlier ones.
+own copy, not take the empty one), and the marks it carries count that folder's attempts, not
+the cell's. Node 0 therefore appends each shipped log under its own mark of the attempt,
+after the earlier ones.
 """
 
 from __future__ import annotations
@@ -28,11 +29,36 @@ def last_mark(path: Path) -> str:
     return marks[-1] if marks else f"{ATTEMPT_MARK}? ===="
 
 
-def append(dest: Path, data: bytes, mark: str) -> None:
-    """Another node's log of this attempt, after the attempts `dest` already holds, under `mark`."""
-    lines = data.decode(errors="replace").splitlines(keepends=True)
-    body = "".join(lines[1:] if lines and lines[0].startswith(ATTEMPT_MARK) else lines)
-    old = dest.read_text(errors="replace") if dest.is_file() else ""
-    if not old.rstrip("\n").endswith(mark):  # node 0 marked only the logs of the ranks it counted
-        old += ("\n" if old else "") + mark + "\n"
-    dest.write_text(old + body)
+def append(dest: Path, data: bytes, mark: str, node: int) -> None:
+    """Node `node`'s log of this attempt, after the attempts `dest` already holds, under `mark`.
+
+    Attempts before the newest in `data` were kept on that node when node 0 could not be
+    reached (bench/sweep/multinode.py): they go first, their marks saying so.
+    """
+    sections: list[list[str]] = [[]]
+    for line in data.decode(errors="replace").splitlines(keepends=True):
+        if line.startswith(ATTEMPT_MARK):
+            sections.append([line])
+        else:
+            sections[-1].append(line)
+    earlier = [s for s in sections[:-1] if s and "".join(s[1:] if s[0].startswith(ATTEMPT_MARK) else s).strip()]
+    newest = sections[-1][1:] if sections[-1] and sections[-1][0].startswith(ATTEMPT_MARK) else sections[-1]
+    text = dest.read_text(errors="replace") if dest.is_file() else ""
+    for section in earlier:
+        head = section[0].rstrip("\n") + f" (kept on node {node} while node 0 was out of reach)\n" \
+            if section[0].startswith(ATTEMPT_MARK) else ""
+        text += ("\n" if text else "") + head + "".join(section[1:] if head else section).rstrip("\n") + "\n"
+    if not text.rstrip("\n").endswith(mark):  # node 0 marked only the logs of the ranks it counted
+        text += ("\n" if text else "") + mark + "\n"
+    dest.write_text(text + "".join(newest))
+
+
+def seal(log_dir: Path, node: int) -> None:
+    """Before a new attempt on a node other than 0: logs kept from an attempt node 0 never got
+    are closed with a mark, so that shipping them later keeps the two attempts apart."""
+    for log in sorted(log_dir.glob("*.log")) if log_dir.is_dir() else []:
+        text = log.read_text(errors="replace")
+        if only_marks(text.encode()):
+            continue
+        head = "" if text.startswith(ATTEMPT_MARK) else f"{ATTEMPT_MARK}? of {log_dir.name} ====\n"
+        log.write_text(f"{head}{text.rstrip(chr(10))}\n\n{ATTEMPT_MARK}next of {log_dir.name}, node {node} ====\n")

@@ -27,7 +27,7 @@ from bench.sweep.launch import (
     launch,
     read_result,
 )
-from bench.sweep.team import Team
+from bench.sweep.team import NodeLost, Team
 
 LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
 INTERRUPTED_WAIT_S = 30.0  # after a stop, how long node 0 waits for the others' files
@@ -80,6 +80,8 @@ def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, op
     team.put(f"c{n}/arrived/{team.spec.node_rank}", True)
     if (refused := _go(team, n, start, paths)) is not None:
         return refused
+    if not team.spec.is_head:
+        attempt_logs.seal(paths.log_dir, team.spec.node_rank)
     local = _launch(team, launch_fn, config, paths, torchrun_args(team, n, opts))
     if team.spec.is_head:
         return _settle(team, n, run_dir, paths, local, start)
@@ -180,22 +182,27 @@ def _files_to_ship(run_dir: Path, paths: CellPaths) -> dict[str, Path]:
 def _ship(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome) -> None:
     r = team.spec.node_rank
     run_dir = run_dir.resolve()
-    manifest = {}
+    manifest, shipped = {}, []
     for i, (rel, path) in enumerate(_files_to_ship(run_dir, paths).items()):
+        shipped.append(path)
         if Path(rel).name == "torchrun.log":  # every node has one: keep them apart
             rel = str(Path(rel).with_name(f"torchrun.node{r}.log"))
         elif rel.endswith(".log") and attempt_logs.only_marks(path.read_bytes()):
-            path.unlink()  # marked for a rank that ran on another node: node 0's copy is the real one
-            continue
+            continue  # marked for a rank that ran on another node: node 0's copy is the real one
         key = f"c{n}/file/{r}/{i}"
         team.put_bytes(key, path.read_bytes())
         manifest[rel] = key
-        path.unlink()
     error = local.error
     if error and error.get("log_file", "").endswith("torchrun.log"):
         error = {**error, "log_file": error["log_file"].replace("torchrun.log", f"torchrun.node{r}.log")}
     team.put(f"c{n}/outcome/{r}", {"outcome": _as_json(dataclasses.replace(local, error=error)),
                                     "files": manifest})
+    # A set has no answer (it may sit in this kernel's buffer on a dead link): only a call that
+    # is answered says node 0 has it all. Until then the files stay (NodeLost keeps the folder).
+    if not team.has(f"c{n}/outcome/{r}"):
+        raise NodeLost(f"node 0 did not keep node {r}'s outcome of launch {n}")
+    for path in shipped:
+        path.unlink()
 
 
 def _receive(team: Team, n: int, run_dir: Path, r: int, mark: str) -> Outcome:
@@ -205,7 +212,7 @@ def _receive(team: Team, n: int, run_dir: Path, r: int, mark: str) -> Outcome:
         dest.parent.mkdir(parents=True, exist_ok=True)
         data = team.take_bytes(key)
         if rel.startswith("logs/") and rel.endswith(".log"):
-            attempt_logs.append(dest, data, mark)
+            attempt_logs.append(dest, data, mark, r)
         else:
             dest.write_bytes(data)
     return _from_json(doc["outcome"])

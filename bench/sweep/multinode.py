@@ -136,14 +136,21 @@ def _member(team: Team, results_dir: Path, sweep: Sweep, config_id: dict[str, st
     staging.mkdir(parents=True, exist_ok=True)
     cells = [Cell(c["id"], c["swept"], CellConfig.from_dict(c["config"])) for c in plan["cells"]]
     print(f"node {r}: {len(cells)} cell(s), records on node 0 ({plan['host']}): {plan['run_dir']}", flush=True)
+    kept = False
     try:
         with runner.claimed(staging) as claim:  # what a dead runner of this node left is ended here
             return sweep(staging, cells, _tagged(functools.partial(lockstep.run_cell, team, staging), claim.token))
     except runner.RunRefused as exc:
         print(f"node {r}: {exc}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
+    except NodeLost:
+        kept = True  # what could not be shipped stays here; --resume ships it with the cell's next attempt
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if kept:
+            print(f"node {r}: node 0 out of reach; files it did not get stay in {staging}", flush=True)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         print(f"node {r}: results on node 0 ({plan['host']}) in {plan['run_dir']}; pointer {pointer}", flush=True)
 
 

@@ -62,6 +62,7 @@ def claim_rank(team: Team) -> None:
     n = team.count(f"claim/{r}", 1)
     team.put(f"claimant/{r}/{n}", _me())
     if n > 1:
+        team.holds_rank = False
         first = team.take(f"claimant/{r}/1") if team.has(f"claimant/{r}/1") else {}
         _refuse(team, f"--node-rank {r} given twice: {_runner(first)} is node {r} already, and so says "
                       f"this {_runner(_me())}")

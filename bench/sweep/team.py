@@ -141,6 +141,7 @@ class Team:
         self.heartbeat.start()
         self.launches = 0
         self.run_name = "isp-bench"  # node 0's run folder name, once the plan is out
+        self.holds_rank = True  # False for a second runner given the same --node-rank (roll_call)
 
     @property
     def others(self) -> list[int]:
@@ -233,6 +234,8 @@ class Team:
         """Say this node is through; node 0 keeps the store up until every live node is."""
         if not self.spec.is_head:
             self.heartbeat.closing.set()
+            if not self.holds_rank:
+                return  # its done/<r> would end node 0's wait for the runner that holds the rank
             try:
                 self.put(f"done/{self.spec.node_rank}", True)
             except NodeLost:

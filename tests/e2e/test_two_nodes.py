@@ -211,14 +211,14 @@ def test_a_node_killed_mid_cell_fails_that_cell_on_both_and_the_sweep_goes_on(tm
 
 def test_a_runner_that_dies_is_a_lost_node_and_node_0_finishes_the_sweep(tmp_path: Path) -> None:
     config = {"name": "lost", "base": BASE, "matrix": {"run.measure_steps": [200, 2]}}
-    nodes = Nodes(tmp_path, config)
+    nodes = Nodes(tmp_path, config, "--heartbeat-timeout", "5")
     wait_for_rank_log(tmp_path / "r1")
     for pid in [nodes.procs[1].pid, *descendants(nodes.procs[1].pid)]:  # the whole node: runner and job
         os.kill(pid, signal.SIGKILL)
     codes = nodes.wait()
     assert codes == [1, -signal.SIGKILL], nodes.output(0)
     first, second = nodes.records()
-    assert first["status"] == "failed" and "node 1: lost node 1 (no heartbeat" in first["error"]["reason"]
+    assert first["status"] == "failed" and "node 1: lost node 1 (no heartbeat for 5s)" in first["error"]["reason"]
     assert second["status"] == "failed" and second["error"]["reason"].startswith("lost node 1")
 
 

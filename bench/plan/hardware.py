@@ -9,8 +9,12 @@ A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with three secti
               memory_gbps + memory_efficiency (a datasheet), or achieved {matmul_tflops,
               attention_tflops, elementwise_gbps, loss_gbps, optimizer_gbps} (calibrated)
     links:    gpus_per_node, intra {busbw_gbps, latency_us}, inter {busbw_gbps, latency_us},
-              optionally curves: measured [{op, group_size, sizes, times_s}] per op, and
-              call_overhead_us: host time before every collective call (0 by default), and
+              optionally curves: measured [{op, group_size, sizes, times_s, nodes}] per op
+              (nodes: how many nodes the measured group spanned, 1 by default: a curve is
+              used only for groups that span as many), runs_as {op: op}: an op the backend
+              runs as another moves what that one moves over a link (gloo's reduce_scatter
+              costs an all_reduce's traffic, measured across nodes here: tests/e2e/
+              test_netns_plan.py), call_overhead_us: host time before every collective call (0 by default), and
               busy_latency_us {ranks per node: us}: what a call takes beyond its isolated link
               time when that many ranks compute on the host (calibrated on CPU: gloo's threads
               wait for cores and for the slower rank)
@@ -49,6 +53,7 @@ class MeasuredCurve:
     group_size: int
     sizes: tuple[float, ...]
     times_s: tuple[float, ...]
+    nodes: int = 1  # nodes the measured group spanned (a one-host collectives run: 1)
 
     def time_s(self, nbytes: float) -> float:
         """log-log interpolation; the latency floor below, the last bandwidth above (as roofline)."""
@@ -81,6 +86,7 @@ class Hardware:
     curves: tuple[MeasuredCurve, ...] = ()
     call_overhead_s: float = 0.0
     busy_latency_s: dict[int, float] = field(default_factory=dict)
+    runs_as: dict[str, str] = field(default_factory=dict)  # op -> the op whose traffic it moves
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -149,17 +155,18 @@ def _curves(raw: Any, out: _Problems) -> tuple[MeasuredCurve, ...]:
         where = f"links.curves[{i}]"
         ok = (isinstance(c, dict) and c.get("op") in KINDS and isinstance(c.get("group_size"), int)
               and isinstance(c.get("sizes"), list) and isinstance(c.get("times_s"), list)
-              and len(c["sizes"]) == len(c["times_s"]) > 0)
+              and len(c["sizes"]) == len(c["times_s"]) > 0
+              and isinstance(c.get("nodes", 1), int) and c.get("nodes", 1) >= 1)
         if not ok:
             out.add(where, f"needs op (one of {', '.join(KINDS)}), group_size (int), and equally long "
-                           "non-empty lists sizes and times_s")
+                           "non-empty lists sizes and times_s; nodes, if given, an int >= 1")
             continue
         pairs = sorted(zip(c["sizes"], c["times_s"]))
         if any(not (s > 0 and t > 0) for s, t in pairs):
             out.add(where, "sizes and times_s must be positive numbers")
             continue
         curves.append(MeasuredCurve(c["op"], c["group_size"], tuple(float(s) for s, _ in pairs),
-                                    tuple(float(t) for _, t in pairs)))
+                                    tuple(float(t) for _, t in pairs), c.get("nodes", 1)))
     return tuple(curves)
 
 
@@ -175,7 +182,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     comp = _section(doc, "compute", out, ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency",
                                           "achieved"))
     links = _section(doc, "links", out, ("gpus_per_node", "intra", "inter", "curves", "call_overhead_us",
-                                                "busy_latency_us"))
+                                                "busy_latency_us", "runs_as"))
     memory = _number(dev, "memory_gib", "device", out)
     reserved = _number(dev, "reserved_gib", "device", out, required=False) or 0.0
     margin = _number(dev, "margin", "device", out, required=False, hi=0.9) or 0.0
@@ -194,6 +201,10 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     curves = _curves(links.get("curves"), out)
     overhead = _number(links, "call_overhead_us", "links", out, required=False) or 0.0
     busy = _busy(links.get("busy_latency_us"), out)
+    runs_as = links.get("runs_as") or {}
+    if not isinstance(runs_as, dict) or any(k not in KINDS or v not in KINDS for k, v in runs_as.items()):
+        out.add("links.runs_as", f"allowed: a mapping op -> op, each one of {', '.join(KINDS)}")
+        runs_as = {}
     if intra is None and not curves and not out.lines:
         out.add("links", "needs intra {busbw_gbps, latency_us} (and inter for multi-node) or measured curves")
     if out.lines:
@@ -201,8 +212,8 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     gib = 1024 ** 3
     return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores,
                     1.0 if scaling is None else scaling, peak, eff,
-                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, overhead * 1e-6, busy, source=path,
-                    notes=doc.get("notes") or {})
+                    mem_gbps, mem_eff, achieved, gpn, intra, inter, curves, overhead * 1e-6, busy, runs_as,
+                    source=path, notes=doc.get("notes") or {})
 
 
 def _busy(raw: Any, out: _Problems) -> dict[int, float]:

@@ -1,7 +1,8 @@
 """Seconds of one collective call, from measured curves or from the links of a hardware file.
 
-Measured: the curve a collectives run recorded for this op on groups of this size (log-log
-interpolation, bench/roofline.py's rule). Hardware file: an alpha-beta model on the link the
+Measured: the curve a collectives run recorded for this op on groups of this size spanning as
+many nodes (log-log interpolation, bench/roofline.py's rule): a curve measured inside one node
+says nothing of a group of the same size across nodes. Hardware file: an alpha-beta model on the link the
 group's ranks span. Ranks r and s share a node when r // gpus_per_node == s // gpus_per_node
 (InternEvo's rank order, isp_core.topology.group_layout):
 
@@ -52,25 +53,27 @@ class LinkModel:
         # Curves given directly (--link-profile) win over the hardware file's own.
         self.curves = tuple(curves) + tuple(hardware.curves)
 
-    def _curve(self, kind: str, size: int) -> MeasuredCurve | None:
-        return next((c for c in self.curves if c.op == kind and c.group_size == size), None)
+    def _curve(self, kind: str, where: Placement) -> MeasuredCurve | None:
+        return next((c for c in self.curves if c.op == kind and c.group_size == where.size
+                     and c.nodes == where.nodes), None)
 
     def source(self, kind: str, where: Placement) -> str:
         if where.size == 1:
             return "none"
-        if self._curve(kind, where.size) is not None:
+        if self._curve(kind, where) is not None:
             return f"measured {kind} on {where.size} ranks"
         return f"{where.where} link"
 
     def time_s(self, kind: str, nbytes: float, where: Placement) -> float:
         if where.size == 1 or nbytes <= 0:
             return 0.0
-        curve = self._curve(kind, where.size)
+        curve = self._curve(kind, where)
         link = curve.time_s(nbytes) if curve is not None else self._alpha_beta(kind, nbytes, where)
         return link + self.busy_s
 
     def _alpha_beta(self, kind: str, nbytes: float, where: Placement) -> float:
         n, hw = where.size, self.hw
+        kind = hw.runs_as.get(kind, kind)  # the traffic of the algorithm the backend really runs
         intra = hw.intra
         inter = hw.inter or hw.intra
         if intra is None or inter is None:

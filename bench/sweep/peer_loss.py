@@ -22,7 +22,7 @@ from types import FrameType
 
 from bench.sweep import launch
 from bench.sweep.launch import Interrupted
-from bench.sweep.team import LOST_PEER_SIGNAL
+from bench.sweep.team import LOST_PEER_SIGNAL, LOST_PEER_SIGNAME
 
 
 @contextlib.contextmanager
@@ -35,13 +35,13 @@ def ends_the_job() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         if not raised and _waiting_for_the_job(frame):
             raised.append(True)
-            raise Interrupted(LOST_PEER_SIGNAL.name)
+            raise Interrupted(LOST_PEER_SIGNAME)
 
     previous = signal.signal(LOST_PEER_SIGNAL, handler)
     try:
         yield
     finally:
-        # A beat that comes after the job must not end the runner (SIGUSR1's default).
+        # A beat that comes after the job must not end the runner (a real-time signal's default).
         signal.signal(LOST_PEER_SIGNAL, signal.SIG_IGN if previous in (None, signal.SIG_DFL) else previous)
 
 

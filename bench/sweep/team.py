@@ -45,7 +45,10 @@ from bench.sweep.store import BoundedStore, StoreDead
 POLL_S = 0.2
 HEARTBEAT_S = 1.0
 CONNECT_TIMEOUT_S = 120.0
-LOST_PEER_SIGNAL = signal.SIGUSR1  # node 0's heartbeat to its main thread: end the job, a peer is lost
+# Node 0's heartbeat to its own main thread: end the job, a peer is lost. A real-time signal, as
+# SIGINT, SIGTERM and SIGUSR1 stop the sweep and SIGUSR2 asks ranks for their stacks.
+LOST_PEER_SIGNAL = signal.SIGRTMIN + 2
+LOST_PEER_SIGNAME = "SIGRTMIN+2"
 
 
 class NodeLost(RuntimeError):

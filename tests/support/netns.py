@@ -56,7 +56,8 @@ _made = itertools.count()
 
 def _prefix() -> str:
     """Unique per run and per set of nodes in it; short, as interface names are at most 15 chars."""
-    return f"{os.environ.get(PREFIX_ENV, 'i23')}{os.getpid() % 0xFFFF:04x}{next(_made) % 36:x}"
+    base = os.environ.get(PREFIX_ENV, "i23")[:7]  # 7 + 4 + 2 + "br" <= 15
+    return f"{base}{os.getpid() % 0xFFFF:04x}{next(_made) % 36:x}"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -149,3 +149,21 @@ def test_resume_on_both_nodes_sets_the_torn_tail_aside_ends_leftovers_and_comple
         assert "==== attempt 2 of ms40" in text and text.count("strategy isp") == 2, (r, text[-2000:])
         # node 1's ranks: the first attempt was kept on node 1 and shipped with the second
         assert ("kept on node 1 while node 0 was out of reach" in text) == (r >= 2), (r, text[-2000:])
+
+
+def test_a_hang_across_the_link_names_the_stuck_rank_on_the_other_node(net: NetNodes, tmp_path: Path) -> None:
+    """i19a's hang diagnosis (bench/sweep/hang.py) across the cable: the highest rank of node 1
+    SIGSTOPped mid-measure; node 0's record names it, with its node and its collective."""
+    hang = pytest.importorskip("tests.e2e.test_hang", reason="the hang diagnosis of issue 19 (branch i19a) "
+                                                              "is not on this branch")
+    nodes = Nodes(tmp_path, {"name": "hang", "base": hang.HANG}, "--grace-s", "4", net=net)
+    try:
+        ring = hang.stop_when_measuring(net.nodes[1].results, lambda found: max(found, default=None))
+    finally:
+        codes = nodes.wait()
+    assert codes == [1, 1], nodes.output(0) + nodes.output(1)
+    (record,) = nodes.records()
+    log_dir = nodes.run_dir() / "logs" / record["cell"]
+    hang.assert_hang_record(record, log_dir, stopped=ring["rank"], node=1)  # rank logs too: shipped whole
+    assert {r["node"] for r in record["error"]["hang"]["ranks"]} == {0, 1}
+    assert [net.pids(n) for n in net.nodes] == [[], []]

@@ -81,8 +81,8 @@ def _orphan(net: NetNodes, node: netns.Node, folder: Path) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def cut(net: NetNodes, tmp_path_factory: pytest.TempPathFactory) -> CutRun:
     tmp = tmp_path_factory.mktemp("cut")
-    config = {"name": "cut", "base": CUT, "matrix": {"run.measure_steps": [40]}}
-    nodes = Nodes(tmp, config, "--heartbeat-timeout", str(HEARTBEAT_S), net=net)
+    config = {"name": "cut", "base": CUT, "matrix": {"run.measure_steps": [25]}}
+    nodes = Nodes(tmp, config, "--heartbeat-timeout", str(HEARTBEAT_S), "--grace-s", "4", net=net)
     run_dir = None
     try:
         wait_for_rank_log(net.nodes[1].results)  # node 1's ranks are in the first cell
@@ -118,15 +118,15 @@ def cut(net: NetNodes, tmp_path_factory: pytest.TempPathFactory) -> CutRun:
 
 def test_the_cut_fails_the_cell_on_both_nodes_naming_the_lost_node(cut: CutRun) -> None:
     (first,) = cut.records_after_cut
-    assert first["cell"] == "ms40" and first["status"] == "failed", first
+    assert first["cell"] == "ms25" and first["status"] == "failed", first
     assert "lost node 1 (no heartbeat for 5s)" in first["error"]["reason"], first["error"]
     assert cut.codes == [1, 130], cut.nodes.output(0) + cut.nodes.output(1)
     assert "lost node 0 (no answer for 5s)" in cut.nodes.output(1) or \
         "lost node 0 (no heartbeat for 5s)" in cut.nodes.output(1), cut.nodes.output(1)
     # Bounded by the heartbeat, not by the cell's 120 s timeout nor by TCP's retransmissions;
-    # node 1 also gives its torchrun the kill grace (10 s) to stop.
+    # node 1 also gives its torchrun the kill grace (--grace-s / 2 = 2 s) to stop.
     assert cut.cut_to_record_s < HEARTBEAT_S + 20, cut.cut_to_record_s
-    assert cut.cut_to_node1_exit_s < HEARTBEAT_S + 10 + 25, cut.cut_to_node1_exit_s
+    assert cut.cut_to_node1_exit_s < HEARTBEAT_S + 2 + 20, cut.cut_to_node1_exit_s
     assert cut.left_after_cut == [[], []]  # no runner, torchrun or rank left in either node
 
 
@@ -134,19 +134,19 @@ def test_resume_on_both_nodes_sets_the_torn_tail_aside_ends_leftovers_and_comple
     run_dir = cut.nodes.run_dir()
     assert cut.resume_codes == [0, 0], cut.resumed.output(0) + cut.resumed.output(1)
     out0, out1 = cut.resumed.output(0), cut.resumed.output(1)
-    assert "torn tail (" in out0 and "cell ms40 runs again" in out0, out0
+    assert "torn tail (" in out0 and "cell ms25 runs again" in out0, out0
     (side,) = run_dir.glob("results.jsonl.torn-*")
     assert side.read_bytes() == cut.torn_bytes  # nothing measured is lost: the bytes are kept
     records = _records(run_dir)  # every line parses
-    assert [(r["cell"], r["status"]) for r in records] == [("ms40", "ok")]  # the failed one is the torn one
+    assert [(r["cell"], r["status"]) for r in records] == [("ms25", "ok")]  # the failed one is the torn one
     for node_out, orphan in zip((out0, out1), cut.orphans):
         assert f"ended 1 process(es) left by runner pid" in node_out and str(orphan.pid) in node_out, node_out
         assert orphan.returncode == -9
     assert cut.left_after_resume == [[], []]
-    logs = run_dir / "logs" / "ms40"
+    logs = run_dir / "logs" / "ms25"
     for r in range(4):  # both attempts of every rank, the one the cut ended and the resumed one
         text = (logs / f"rank{r}.log").read_text()
-        assert "==== attempt 2 of ms40" in text and text.count("strategy isp") == 2, (r, text[-2000:])
+        assert "==== attempt 2 of ms25" in text and text.count("strategy isp") == 2, (r, text[-2000:])
         # node 1's ranks: the first attempt was kept on node 1 and shipped with the second
         assert ("kept on node 1 while node 0 was out of reach" in text) == (r >= 2), (r, text[-2000:])
 

@@ -56,7 +56,7 @@ CONFIG = {
         "data": {"seq_len": 32, "global_batch": 8, "micro_num": 1, "packed": True, "seed": 7},
         "parallel": {"world_size": 4, "sp": 2, "wp": 4, "overlap": False, "memory_pool": True},
         "run": {"warmup_steps": 1, "measure_steps": 3, "timeout_s": 300, "check_loss": False},
-        "collectives": {"min_bytes": "256K", "max_bytes": "4M", "factor": 4, "warmup_iters": 1, "iters": 6,
+        "collectives": {"min_bytes": "256K", "max_bytes": "4M", "factor": 4, "warmup_iters": 1, "iters": 4,
                         "ops": ["all_gather", "reduce_scatter", "all_to_all", "all_reduce"]},
     },
     "matrix": {"parallel.sp": [2, 4], "parallel.wp": [4, 2]},

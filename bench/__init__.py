@@ -4,7 +4,9 @@
     1. what to run       bench/config/      rules and schema (sections), checks, cell, YAML file + --set, matrix
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
-                                            (several nodes through torch's c10d store), env_info
+                                            (several nodes through torch's c10d store: store, a deadline on
+                                            every call; roll_call, the nodes' checks; peer_loss; attempt_logs),
+                                            env_info
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
                                             gather), timing, memory, nvml, profiling, collectives, finish
     4. numbers           bench/metrics/     measurement (the typed hand-over), assemble (every metric of a

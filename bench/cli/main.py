@@ -110,7 +110,7 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
         raise ConfigError([f"--grace-s {args.grace_s:g}: expected a number of seconds > 0"])
     if args.retry != RETRYABLE and args.resume is None:
         raise ConfigError(["--retry: only with --resume RUN_DIR"])
-    for flag, value in (("--rdzv-timeout", args.rdzv_timeout), ("--heartbeat-timeout", args.heartbeat_timeout)):
+    for flag, value in (("--rdzv-timeout", args.rdzv_timeout), ("--heartbeat-timeout", _heartbeat_timeout(args))):
         if not value > 0:
             raise ConfigError([f"{flag} {value:g}: expected a number of seconds > 0"])
     try:
@@ -122,6 +122,11 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
         raise ConfigError([str(exc)]) from None
 
 
+def _heartbeat_timeout(args: argparse.Namespace) -> float:
+    # `nightly` builds its own Namespace of sweep options, without the several-node ones.
+    return getattr(args, "heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_S)
+
+
 def _run(args: argparse.Namespace, command_line: list[str]) -> int:
     return run_sweep(args, command_line)[0]
 
@@ -130,7 +135,7 @@ def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, P
     """Run (or resume) the sweep the parsed arguments name: (exit code, run folder; None on --dry-run)."""
     opts = _options(args)
     spec = None if args.dry_run else nodes.resolve(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout,
-                                                   args.heartbeat_timeout)
+                                                   _heartbeat_timeout(args))
     if spec is not None:
         nodes.check_options(opts.torchrun_args)
         opts = dataclasses.replace(opts, torchrun_args=(f"--nnodes={spec.nnodes}", *opts.torchrun_args))

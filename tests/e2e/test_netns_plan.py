@@ -19,7 +19,7 @@ are latency and this host's noise: printed, not judged); and the planned ranking
 layouts is the measured one. Inside a node a call is memory copies on the CPUs that both
 "nodes" and every other process of this host share, so its time follows the host's load
 between two cells more than any model: the inside group is checked to be planned from the
-inside calibration (never the cable) and its error is printed, not judged (docs/nodes.md has
+inside calibration (never the cable) and its error is printed, not judged (docs/plan.md has
 the table). The table is printed (pytest -s).
 """
 

@@ -6,8 +6,10 @@
                                             limits (alias bombs, cell count, name length)
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
-                                            (several nodes through torch's c10d store), env_info, hang +
-                                            hang_diagnosis (which rank holds the others, before the kill)
+                                            (several nodes through torch's c10d store: store, a deadline on
+                                            every call; roll_call, the nodes' checks; peer_loss; attempt_logs),
+                                            env_info, hang + hang_diagnosis (which rank holds the others,
+                                            before the kill)
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
                                             gather), timing, memory, nvml, profiling, nvtx, collectives, finish,
                                             collective_ring + hang_watch (each rank's last collectives in a

@@ -8,6 +8,7 @@ usage error or a run folder that cannot be used (one line per problem on stderr,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -29,7 +30,7 @@ from bench.results.records import RecordError, load_records
 from bench.sweep import runner
 from bench.sweep import nodes
 from bench.sweep.launch import DEFAULT_WORKER, LaunchOptions, Outcome
-from bench.sweep.nodes import DEFAULT_RDZV_TIMEOUT_S
+from bench.sweep.nodes import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_RDZV_TIMEOUT_S
 
 # Imported only when used: they are someone else's modules and a sweep must not depend on them.
 SUBCOMMANDS = {"compare": "bench.cli.compare", "history": "bench.cli.history", "nightly": "bench.cli.nightly",
@@ -81,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="node 0's address and a free port: its runner hosts torch's c10d store there")
     several.add_argument("--rdzv-timeout", type=float, default=DEFAULT_RDZV_TIMEOUT_S, metavar="S",
                          help="how long a cell waits for every node before it fails (default %(default)gs)")
+    several.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="S",
+                         help="a node not heard from for S seconds is lost: its cell fails, or the runner "
+                              "that lost node 0 exits (default %(default)gs)")
     return p
 
 
@@ -129,6 +133,9 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
         raise ConfigError(["--retry: only with --resume RUN_DIR"])
     if getattr(args, "run_name", None) is not None and args.resume is not None:
         raise ConfigError(["--run-name: names a new run folder; --resume RUN_DIR continues one, drop one of them"])
+    for flag, value in (("--rdzv-timeout", args.rdzv_timeout), ("--heartbeat-timeout", _heartbeat_timeout(args))):
+        if not value > 0:
+            raise ConfigError([f"{flag} {value:g}: expected a number of seconds > 0"])
     try:
         # Half the grace period for the job to stop on SIGTERM, the rest for the summary.
         return LaunchOptions(torchrun_args=tuple(args.torchrun_arg),
@@ -138,6 +145,11 @@ def _options(args: argparse.Namespace) -> LaunchOptions:
         raise ConfigError([str(exc)]) from None
 
 
+def _heartbeat_timeout(args: argparse.Namespace) -> float:
+    # `nightly` builds its own Namespace of sweep options, without the several-node ones.
+    return getattr(args, "heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_S)
+
+
 def _run(args: argparse.Namespace, command_line: list[str]) -> int:
     return run_sweep(args, command_line)[0]
 
@@ -145,7 +157,8 @@ def _run(args: argparse.Namespace, command_line: list[str]) -> int:
 def run_sweep(args: argparse.Namespace, command_line: list[str]) -> tuple[int, Path | None]:
     """Run (or resume) the sweep the parsed arguments name: (exit code, run folder; None on --dry-run)."""
     opts = _options(args)
-    spec = None if args.dry_run else nodes.resolve(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
+    spec = None if args.dry_run else nodes.resolve(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout,
+                                                   _heartbeat_timeout(args))
     if spec is not None:
         nodes.check_options(opts.torchrun_args)
         opts = dataclasses.replace(opts, torchrun_args=(f"--nnodes={spec.nnodes}", *opts.torchrun_args))
@@ -211,16 +224,22 @@ def _sweep(args: argparse.Namespace, run_dir: Path, bench: BenchConfig, cells: l
 
 def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOptions, host: object,
                   command_line: list[str]) -> tuple[int, Path | None]:
-    """Node 0 plans and owns the folder, as one node would; the others take its plan (multinode.py).
-    (The run-folder lock of a single-node sweep is not taken here: node 0 alone writes the folder.)"""
+    """Node 0 plans and claims the folder, as one node would; the others take its plan (multinode.py)."""
+    held = contextlib.ExitStack()
+
     def head_plan() -> tuple[Path, list[Cell]]:
+        nonlocal opts
         if args.resume is not None:
-            return args.resume, _to_rerun(args, _resumed_config(args, host), None)
+            bench = _resumed_config(args, host)
+            claim = held.enter_context(runner.claimed(args.resume))  # lock, leftovers, torn tail, probe
+            opts = replace(opts, run_token=claim.token)
+            return args.resume, _to_rerun(args, bench, claim.torn_cell)
         bench = load_config(args.config, args.set, args.filter, host, _max_cells(args))  # type: ignore[arg-type]
         try:
             run_dir = _new_run_dir(args, bench)
         except runner.RunRefused as exc:  # as a config error, so the other nodes hear of it too
             raise ConfigError([str(exc)]) from None
+        opts = replace(opts, run_token=held.enter_context(runner.claimed(run_dir)).token)
         runner.prepare(run_dir, bench, command_line, nnodes=spec.nnodes)
         return run_dir, list(bench.cells)
 
@@ -233,9 +252,12 @@ def _run_on_nodes(args: argparse.Namespace, spec: nodes.NodeSpec, opts: LaunchOp
         print(report.write_summary(run_dir))
         print(f"results: {run_dir}  (summary.md, results.csv, results.jsonl)", flush=True)
 
-    from bench.sweep import multinode  # torch.distributed's store: only a several-node sweep needs it
+    from bench.sweep import multinode, roll_call  # torch.distributed's store: only a several-node sweep needs it
 
-    return multinode.run(spec, args.results_dir, head_plan, sweep, summarize), None
+    saved = args.resume / "config.yaml" if args.resume is not None else args.config
+    config_id = roll_call.config_identity(saved, args.set, args.filter)
+    with held:
+        return multinode.run(spec, args.results_dir, head_plan, sweep, summarize, config_id), None
 
 
 def _resumed_config(args: argparse.Namespace, host: object) -> BenchConfig:

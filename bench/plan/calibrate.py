@@ -148,26 +148,30 @@ def _smooth(times: list[float]) -> list[float]:
     return [min(times[:2]), *inner, min(times[-2:])]
 
 
-def curves_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One curve per (op, group size): the measured mean per call, smoothed, less one barrier.
+def curves_from(records: list[dict[str, Any]], nnodes: int = 1) -> list[dict[str, Any]]:
+    """One curve per (op, group size, nodes the group spans, from the run's `nnodes`): the measured
+    mean per call, smoothed, less one barrier.
     The collectives timer puts a world barrier in every CPU sample (bench/timing.py); a barrier
     costs about a smallest all-reduce, so half the cell's smallest all-reduce time (a barrier plus
     an all-reduce) comes off every point, never below a tenth of it. Training calls have no barrier."""
-    best: dict[tuple[str, int], dict[str, Any]] = {}
+    best: dict[tuple[str, int, int], dict[str, Any]] = {}
     for record in records:
         doc = (record.get("metrics") or {}).get("collectives")
         if record.get("status") != "ok" or not isinstance(doc, dict):
             continue
         size = len(doc["group_ranks"][0])
+        per_node = max(1, doc["world_size"] // nnodes)
+        nodes = len({r // per_node for r in doc["group_ranks"][0]})
         tables = {op: sorted((r["size_bytes"], r["time_us"] / 1e6) for r in t["rows"] if r["time_us"] > 0)
                   for op, t in doc["ops"].items()}
         ar = _smooth([t for _, t in tables.get("all_reduce", [])])
         barrier = ar[0] / 2 if ar and doc["device"] == "cpu" else 0.0
         for op, rows in tables.items():
-            if rows and (op, size) not in best:
+            if rows and (op, size, nodes) not in best:
                 times = [max(t - barrier, 0.1 * t) for t in _smooth([t for _, t in rows])]
-                best[(op, size)] = {"op": op, "group_size": size, "world_size": doc["world_size"],
-                                    "sizes": [x for x, _ in rows], "times_s": times, "barrier_s": barrier}
+                best[(op, size, nodes)] = {"op": op, "group_size": size, "nodes": nodes,
+                                           "world_size": doc["world_size"], "sizes": [x for x, _ in rows],
+                                           "times_s": times, "barrier_s": barrier}
     return list(best.values())
 
 
@@ -226,7 +230,7 @@ def runtime_bytes(record: dict[str, Any], config: Any) -> float:
 
 def calibrate(records: list[dict[str, Any]], configs: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     """The hardware document (a dict to dump as YAML). `configs`: cell id -> CellConfig."""
-    curves = curves_from(records)
+    curves = curves_from(records, int(env.get("nnodes") or 1))
     profiled = [r for r in records if r.get("status") == "ok" and r["cell"] in configs
                 and configs[r["cell"]].parallel.world_size == 1 and (r.get("metrics") or {}).get("traces")]
     if not profiled:

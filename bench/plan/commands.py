@@ -63,9 +63,10 @@ def training_configs(recs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_curves(run_dir: Path) -> tuple[MeasuredCurve, ...]:
     from bench.plan.calibrate import curves_from
 
-    recs, _ = records(run_dir)
+    recs, env = records(run_dir)
     doc = {"device": {"memory_gib": 1}, "compute": {"achieved": _ANY_RATES},
-           "links": {"curves": [{k: v for k, v in c.items() if k != "world_size"} for c in curves_from(recs)]}}
+           "links": {"curves": [{k: v for k, v in c.items() if k != "world_size"}
+                                for c in curves_from(recs, int(env.get("nnodes") or 1))]}}
     return parse_hardware(doc, str(run_dir)).curves
 
 

@@ -18,7 +18,10 @@ A hardware file is YAML (configs/hardware/*.yaml, docs/plan.md) with these secti
               (one NIC, one direction; latency per inter-node step), base_latency_us (per call),
               rail_optimized, oversubscription, algorithm (auto | ring | tree): bench/plan/links.py
               derives a collective's bandwidth from them; optionally curves: measured [{op,
-              group_size, sizes, times_s}], call_overhead_us (host time per call) and
+              group_size, sizes, times_s, nodes}] (nodes: how many nodes the measured group spanned,
+              1 by default; a curve serves only groups that span as many), runs_as {op: op} (an op
+              the backend runs as another moves that one's traffic: gloo's reduce_scatter moves an
+              all_reduce's, measured across a link in tests/e2e/test_netns_plan.py), call_overhead_us (host time per call) and
               busy_latency_us {ranks per node: us} (calibrated on CPU: gloo waiting for cores)
     assumptions: figures that are guesses rather than measurements or datasheet values, one line
               each (`plan --published` prints them beside the predictions); notes: free-form
@@ -55,6 +58,7 @@ class MeasuredCurve:
     group_size: int
     sizes: tuple[float, ...]
     times_s: tuple[float, ...]
+    nodes: int = 1  # nodes the measured group spanned (a one-host collectives run: 1)
 
     def time_s(self, nbytes: float) -> float:
         """log-log interpolation; the latency floor below, the last bandwidth above (as roofline)."""
@@ -99,6 +103,7 @@ class Hardware:
     curves: tuple[MeasuredCurve, ...] = ()
     call_overhead_s: float = 0.0
     busy_latency_s: dict[int, float] = field(default_factory=dict)
+    runs_as: dict[str, str] = field(default_factory=dict)  # op -> the op whose traffic it moves
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
     fabric: Fabric | None = None              # None: one NIC per GPU, the defaults above
@@ -123,7 +128,7 @@ TOP = ("name", "device", "compute", "links", "assumptions", "notes")
 DEVICE = ("name", "matches", "memory_gib", "reserved_gib", "allocator_reserve", "margin", "cores", "thread_scaling")
 COMPUTE = ("peak_tflops", "efficiency", "memory_gbps", "memory_efficiency", "measured", "achieved")
 LINKS = ("gpus_per_node", "nics_per_node", "intra", "inter", "base_latency_us", "rail_optimized", "oversubscription",
-         "algorithm", "curves", "call_overhead_us", "busy_latency_us")
+         "algorithm", "curves", "call_overhead_us", "busy_latency_us", "runs_as")
 
 
 def parse_hardware(doc: Any, path: str) -> Hardware:
@@ -152,6 +157,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     overhead = f.number(links, "call_overhead_us", "links", out, required=False) or 0.0
     busy = f.busy(links.get("busy_latency_us"), out)
     fabric = _fabric(links, gpn, out)
+    runs_as = f.runs_as(links.get("runs_as"), out)
     if intra is None and not curves and not out.lines:
         out.add("links", "needs intra {busbw_gbps, latency_us} (and inter for multi-node) or measured curves")
     matches = f.strings(dev.get("matches"), "device.matches", out)
@@ -161,7 +167,7 @@ def parse_hardware(doc: Any, path: str) -> Hardware:
     gib = 1024 ** 3
     return Hardware(str(doc.get("name", Path(path).stem)), memory * gib, reserved * gib, margin, cores,
                     1.0 if scaling is None else scaling, peak, eff, mem_gbps, mem_eff, achieved, gpn,
-                    Link(*intra) if intra else None, Link(*inter) if inter else None, curves, overhead * 1e-6, busy,
+                    Link(*intra) if intra else None, Link(*inter) if inter else None, curves, overhead * 1e-6, busy, runs_as,
                     source=path, notes=doc.get("notes") or {}, fabric=fabric, measured=measured,
                     allocator_reserve=reserve, matches=matches, assumptions=assumptions)
 

@@ -90,7 +90,7 @@ def link(doc: dict, name: str, out: Problems) -> tuple[float, float] | None:
     return (bw, lat) if bw is not None and lat is not None else None
 
 
-def curves(raw: Any, out: Problems) -> list[tuple[str, int, tuple[float, ...], tuple[float, ...]]]:
+def curves(raw: Any, out: Problems) -> list[tuple[str, int, tuple[float, ...], tuple[float, ...], int]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -101,17 +101,29 @@ def curves(raw: Any, out: Problems) -> list[tuple[str, int, tuple[float, ...], t
         where = f"links.curves[{i}]"
         ok = (isinstance(c, dict) and c.get("op") in KINDS and isinstance(c.get("group_size"), int)
               and isinstance(c.get("sizes"), list) and isinstance(c.get("times_s"), list)
-              and len(c["sizes"]) == len(c["times_s"]) > 0)
+              and len(c["sizes"]) == len(c["times_s"]) > 0
+              and isinstance(c.get("nodes", 1), int) and c.get("nodes", 1) >= 1)
         if not ok:
             out.add(where, f"needs op (one of {', '.join(KINDS)}), group_size (int), and equally long "
-                           "non-empty lists sizes and times_s")
+                           "non-empty lists sizes and times_s; nodes, if given, an int >= 1")
             continue
         pairs = sorted(zip(c["sizes"], c["times_s"]))
         if any(not (s > 0 and t > 0) for s, t in pairs):
             out.add(where, "sizes and times_s must be positive numbers")
             continue
-        found.append((c["op"], c["group_size"], tuple(float(s) for s, _ in pairs), tuple(float(t) for _, t in pairs)))
+        found.append((c["op"], c["group_size"], tuple(float(s) for s, _ in pairs), tuple(float(t) for _, t in pairs),
+                      c.get("nodes", 1)))
     return found
+
+
+def runs_as(raw: Any, out: Problems) -> dict[str, str]:
+    """links.runs_as {op: op}: an op the backend runs as another moves that one's traffic."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or any(k not in KINDS or v not in KINDS for k, v in raw.items()):
+        out.add("links.runs_as", f"allowed: a mapping op -> op, each one of {', '.join(KINDS)}")
+        return {}
+    return dict(raw)
 
 
 def busy(raw: Any, out: Problems) -> dict[int, float]:

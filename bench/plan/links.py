@@ -1,7 +1,8 @@
 """Seconds of one collective call, from measured curves or from the links of a hardware file.
 
-Measured: the curve a collectives run recorded for this op on groups of this size (log-log
-interpolation, bench/roofline.py's rule). Hardware file: a model of NCCL's algorithms on the
+Measured: the curve a collectives run recorded for this op on groups of this size spanning as
+many nodes (log-log interpolation, bench/roofline.py's rule): a curve measured inside one node
+says nothing of a group of the same size across nodes. Hardware file: a model of NCCL's algorithms on the
 links the group spans, derived from the group's shape (docs/plan.md, "Collectives across nodes",
 gives the derivation and its sources). A group of n ranks spans N nodes with l ranks on each
 (ranks r and s share a node when r // gpus_per_node == s // gpus_per_node, InternEvo's rank
@@ -73,13 +74,14 @@ class LinkModel:
         # Curves given directly (--link-profile) win over the hardware file's own.
         self.curves = tuple(curves) + tuple(hardware.curves)
 
-    def _curve(self, kind: str, size: int) -> MeasuredCurve | None:
-        return next((c for c in self.curves if c.op == kind and c.group_size == size), None)
+    def _curve(self, kind: str, where: Placement) -> MeasuredCurve | None:
+        return next((c for c in self.curves if c.op == kind and c.group_size == where.size
+                     and c.nodes == where.nodes), None)
 
     def source(self, kind: str, where: Placement) -> str:
         if where.size == 1:
             return "none"
-        if self._curve(kind, where.size) is not None:
+        if self._curve(kind, where) is not None:
             return f"measured {kind} on {where.size} ranks"
         if where.nodes == 1:
             return "intra link"
@@ -90,7 +92,7 @@ class LinkModel:
     def time_s(self, kind: str, nbytes: float, where: Placement) -> float:
         if where.size == 1 or nbytes <= 0:
             return 0.0
-        curve = self._curve(kind, where.size)
+        curve = self._curve(kind, where)
         link = curve.time_s(nbytes) if curve is not None else self._modelled(kind, nbytes, where)
         return link + self.busy_s
 
@@ -113,6 +115,7 @@ class LinkModel:
 
     def _modelled(self, kind: str, nbytes: float, where: Placement) -> float:
         n, base = where.size, self.hw.links.base_latency_s
+        kind = self.hw.runs_as.get(kind, kind)  # the traffic of the algorithm the backend really runs
         intra_bw, intra_lat, nic_bw, inter_lat = self._links(kind, n)
         steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
         if kind == "broadcast":

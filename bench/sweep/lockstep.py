@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.config import CellConfig
 from bench.metrics.roofline import LINKS_FILE
+from bench.sweep import attempt_logs, peer_loss
 from bench.sweep.launch import (
     CellPaths,
     LaunchOptions,
@@ -27,7 +28,7 @@ from bench.sweep.launch import (
     read_result,
 )
 from bench.sweep import hang
-from bench.sweep.team import Team
+from bench.sweep.team import NodeLost, Team
 
 LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
 INTERRUPTED_WAIT_S = 30.0  # after a stop, how long node 0 waits for the others' files
@@ -80,6 +81,8 @@ def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, op
     team.put(f"c{n}/arrived/{team.spec.node_rank}", True)
     if (refused := _go(team, n, start, paths)) is not None:
         return refused
+    if not team.spec.is_head:
+        attempt_logs.seal(paths.log_dir, team.spec.node_rank)
     local = _launch(team, launch_fn, config, paths, torchrun_args(team, n, opts))
     if team.spec.is_head:
         return _settle(team, n, run_dir, paths, local, start)
@@ -92,17 +95,22 @@ def run_cell(team: Team, run_dir: Path, config: CellConfig, paths: CellPaths, op
 
 
 def _launch(team: Team, launch_fn: LaunchFn, config: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
-    """The local torchrun job, which a stop from another node may interrupt (and only it)."""
-    team.heartbeat.in_launch.set()
-    try:
-        if team.heartbeat.stop_reason:  # came in just before: do not start the job at all
-            local = Outcome("interrupted", None, _error("interrupted"), 0.0)
-        else:
-            local = launch_fn(config, paths, opts)
-    finally:
-        team.heartbeat.in_launch.clear()
+    """The local torchrun job, which a stop from another node may interrupt (and only it), and
+    which node 0 ends when a peer is lost (the cell then fails, naming the lost node)."""
+    team.heartbeat.lost_peer = None
+    with peer_loss.ends_the_job():
+        team.heartbeat.in_launch.set()
+        try:
+            if team.heartbeat.stop_reason:  # came in just before: do not start the job at all
+                local = Outcome("interrupted", None, _error("interrupted"), 0.0)
+            else:
+                local = launch_fn(config, paths, opts)
+        finally:
+            team.heartbeat.in_launch.clear()
     if team.heartbeat.stop_reason and local.status != "ok":  # came in as the job ended: an ok job stays ok
         local = as_interrupted(local)
+    elif local.interrupted and (lost := team.heartbeat.lost_peer):
+        return dataclasses.replace(local, status="failed", error={**(local.error or {}), "reason": f"job ended: {lost}"})
     return _why_stopped(team, local) if local.interrupted else local
 
 
@@ -175,27 +183,39 @@ def _files_to_ship(run_dir: Path, paths: CellPaths) -> dict[str, Path]:
 def _ship(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome) -> None:
     r = team.spec.node_rank
     run_dir = run_dir.resolve()
-    manifest = {}
+    manifest, shipped = {}, []
     for i, (rel, path) in enumerate(_files_to_ship(run_dir, paths).items()):
+        shipped.append(path)
         if Path(rel).name == "torchrun.log":  # every node has one: keep them apart
             rel = str(Path(rel).with_name(f"torchrun.node{r}.log"))
+        elif rel.endswith(".log") and attempt_logs.only_marks(path.read_bytes()):
+            continue  # marked for a rank that ran on another node: node 0's copy is the real one
         key = f"c{n}/file/{r}/{i}"
         team.put_bytes(key, path.read_bytes())
         manifest[rel] = key
-        path.unlink()
     error = local.error
     if error and error.get("log_file", "").endswith("torchrun.log"):
         error = {**error, "log_file": error["log_file"].replace("torchrun.log", f"torchrun.node{r}.log")}
     team.put(f"c{n}/outcome/{r}", {"outcome": _as_json(dataclasses.replace(local, error=error)),
                                     "files": manifest})
+    # A set has no answer (it may sit in this kernel's buffer on a dead link): only a call that
+    # is answered says node 0 has it all. Until then the files stay (NodeLost keeps the folder).
+    if not team.has(f"c{n}/outcome/{r}"):
+        raise NodeLost(f"node 0 did not keep node {r}'s outcome of launch {n}")
+    for path in shipped:
+        path.unlink()
 
 
-def _receive(team: Team, n: int, run_dir: Path, r: int) -> Outcome:
+def _receive(team: Team, n: int, run_dir: Path, r: int, mark: str) -> Outcome:
     doc = team.take(f"c{n}/outcome/{r}")
     for rel, key in doc["files"].items():
         dest = run_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(team.take_bytes(key))
+        data = team.take_bytes(key)
+        if rel.startswith("logs/") and rel.endswith(".log"):
+            attempt_logs.append(dest, data, mark, r)
+        else:
+            dest.write_bytes(data)
     return _from_json(doc["outcome"])
 
 
@@ -207,8 +227,9 @@ def _settle(team: Team, n: int, run_dir: Path, paths: CellPaths, local: Outcome,
 
     why = team.wait_for(lambda: not pending(), give_up=_lost_or_late(team, pending))
     per_node: dict[int, Outcome | str] = {0: local}
+    mark = attempt_logs.last_mark(paths.torchrun_log)
     for r in team.others:
-        per_node[r] = _receive(team, n, run_dir.resolve(), r) if team.has(keys[r]) else (
+        per_node[r] = _receive(team, n, run_dir.resolve(), r, mark) if team.has(keys[r]) else (
             why if why != "timeout" else f"node {r} sent nothing within {INTERRUPTED_WAIT_S:g}s of the stop")
     merged = hang.across_nodes(merge(per_node, paths, time.monotonic() - start), paths)
     team.put(f"c{n}/final", _as_json(merged))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from bench.config.schema import ConfigError
 
 DEFAULT_RDZV_TIMEOUT_S = 300.0
+DEFAULT_HEARTBEAT_TIMEOUT_S = 20.0  # a node not heard from for this long is lost
 PORT_ENV = "ISP_BENCH_RDZV_PORT"  # Slurm: the endpoint's port, where the default could clash
 SLURM_PORT_BASE = 29500
 
@@ -34,8 +35,11 @@ class NodeSpec:
     port: int
     source: str  # "flags" or "slurm", for the messages
     rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S  # how long a cell waits for every node
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S  # silence after which a node is lost
 
     def __post_init__(self) -> None:
+        if not self.heartbeat_timeout_s > 0 or not self.rdzv_timeout_s > 0:
+            raise ValueError("--rdzv-timeout and --heartbeat-timeout must be > 0 seconds")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node rank {self.node_rank} outside 0..{self.nnodes - 1}")
         if not 0 < self.port < 65536:
@@ -58,7 +62,8 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 
 def from_flags(nnodes: int | None, node_rank: int | None, endpoint: str | None,
-               rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S) -> NodeSpec | None:
+               rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S,
+               heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> NodeSpec | None:
     """None when no flag was given; a ConfigError when only some were."""
     given = {"--nnodes": nnodes, "--node-rank": node_rank, "--rdzv-endpoint": endpoint}
     if all(v is None for v in given.values()):
@@ -71,7 +76,8 @@ def from_flags(nnodes: int | None, node_rank: int | None, endpoint: str | None,
                             "and --rdzv-endpoint together (or none of them, inside Slurm)")])
     host, port = parse_endpoint(endpoint)  # type: ignore[arg-type]
     try:
-        return NodeSpec(int(nnodes), int(node_rank), host, port, "flags", rdzv_timeout_s)  # type: ignore[arg-type]
+        return NodeSpec(int(nnodes), int(node_rank), host, port, "flags", rdzv_timeout_s,  # type: ignore[arg-type]
+                        heartbeat_timeout_s)
     except ValueError as exc:
         raise ConfigError([f"--nnodes {nnodes} --node-rank {node_rank} --rdzv-endpoint {endpoint}: {exc}"]) from None
 
@@ -93,8 +99,8 @@ def head_address(nodelist: str) -> str:
     return match.group(1) if match else first
 
 
-def from_slurm(env: Mapping[str, str] = os.environ,
-               rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S) -> NodeSpec | None:
+def from_slurm(env: Mapping[str, str] = os.environ, rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S,
+               heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> NodeSpec | None:
     """The node from a Slurm job step (srun); None outside one or in a one-node step.
 
     Only a step counts: the batch script itself also sees SLURM_NNODES, but runs on one node,
@@ -109,7 +115,7 @@ def from_slurm(env: Mapping[str, str] = os.environ,
                             "task per node (srun --ntasks-per-node=1), torchrun starts the ranks")])
     port = int(env.get(PORT_ENV) or SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 2000)
     host = head_address(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
-    return NodeSpec(int(nnodes), int(env["SLURM_NODEID"]), host, port, "slurm", rdzv_timeout_s)
+    return NodeSpec(int(nnodes), int(env["SLURM_NODEID"]), host, port, "slurm", rdzv_timeout_s, heartbeat_timeout_s)
 
 
 def check_options(torchrun_args: tuple[str, ...]) -> None:
@@ -128,7 +134,10 @@ def _rdzv_flags() -> tuple[str, ...]:
 
 
 def resolve(nnodes: int | None, node_rank: int | None, endpoint: str | None,
-            rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S) -> NodeSpec | None:
+            rdzv_timeout_s: float = DEFAULT_RDZV_TIMEOUT_S,
+            heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> NodeSpec | None:
     """The flags win over Slurm; None means one node, the runner as it always was."""
-    spec = from_flags(nnodes, node_rank, endpoint, rdzv_timeout_s)
-    return spec if spec is not None or nnodes == 1 else from_slurm(rdzv_timeout_s=rdzv_timeout_s)
+    spec = from_flags(nnodes, node_rank, endpoint, rdzv_timeout_s, heartbeat_timeout_s)
+    if spec is not None or nnodes == 1:
+        return spec
+    return from_slurm(rdzv_timeout_s=rdzv_timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)

@@ -1,7 +1,11 @@
 """Two nodes on one machine: two runners with --nnodes 2 --node-rank 0|1, real torchrun and gloo.
 
 Node 1 writes into a results folder of its own, so everything in node 0's folder that came
-from node 1's ranks travelled through the store, not through a shared path.
+from node 1's ranks travelled through the store, not through a shared path. Where network
+namespaces can be made (root), the sweep's nodes are two namespaces joined by a 1 Gbit/s link
+(tests/support/netns.py) and the endpoint is node 0's own address; elsewhere both runners
+share this host's loopback. The faults below run on loopback; the network's own faults (a cut
+cable) are tests/e2e/test_netns_nodes.py.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+
+from bench.config import CellConfig
+from bench.plan.predict import ELEMENT_SIZE
+from bench.strategies.common import data_spec, model_config
+from isp_core.comm_formula import predicted_comm
+from tests.support import netns
+from tests.support.netns import NetNodes
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -32,6 +45,14 @@ BASE = {
 PROFILED = {**BASE, "profile": {"enabled": True, "wait": 0, "warmup": 1, "active": 2}}
 
 
+def formula_bytes(config: dict[str, Any]) -> dict[str, Any]:
+    """Calls and bytes per step by group and kind from isp_core's formula, for the record's config."""
+    cell = CellConfig.from_dict(config)
+    p = cell.parallel
+    return predicted_comm(model_config(cell), data_spec(cell), p.world_size, p.sp, p.wp, p.overlap,
+                          ELEMENT_SIZE[cell.run.dtype])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,21 +60,29 @@ def free_port() -> int:
 
 
 class Nodes:
-    """Two runners of one sweep, started like torchrun's nodes: the same command, rank 0 and 1."""
+    """Two runners of one sweep, started like torchrun's nodes: the same command, rank 0 and 1.
+    On loopback by default; with `net`, each in its own namespace, at node 0's address."""
 
-    def __init__(self, tmp: Path, config: dict | None, *extra: str, port: int | None = None) -> None:
-        self.tmp, self.port = tmp, port or free_port()
+    def __init__(self, tmp: Path, config: dict | None, *extra: str, port: int | None = None,
+                 net: NetNodes | None = None, ranks: tuple[int, ...] = (0, 1)) -> None:
+        self.tmp, self.port, self.net = tmp, port or free_port(), net
+        self.host = net.nodes[0].address if net is not None else "127.0.0.1"
         args = []
         if config is not None:
             (tmp / "sweep.yaml").write_text(yaml.safe_dump(config))
             args.append(str(tmp / "sweep.yaml"))
-        self.procs = [self._start(r, [*args, *extra]) for r in (0, 1)]
+        self.procs = [self._start(r, [*args, *extra]) for r in ranks]
+
+    def results(self, rank: int) -> Path:
+        return self.net.nodes[rank].results if self.net is not None else self.tmp / f"r{rank}"
 
     def _start(self, rank: int, args: list[str]) -> subprocess.Popen:
-        out = open(self.tmp / f"node{rank}.out", "w")
+        out = open(self.tmp / f"node{rank}.out", "a")
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        cmd = [sys.executable, str(REPO / "run_bench.py"), *args, "--results-dir", str(self.tmp / f"r{rank}"),
-               "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{self.port}"]
+        cmd = [sys.executable, str(REPO / "run_bench.py"), *args, "--results-dir", str(self.results(rank)),
+               "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"{self.host}:{self.port}"]
+        if self.net is not None:
+            return self.net.popen(self.net.nodes[rank], cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 500) -> list[int]:
@@ -69,7 +98,7 @@ class Nodes:
         return (self.tmp / f"node{rank}.out").read_text()
 
     def run_dir(self) -> Path:
-        (run_dir,) = [p for p in (self.tmp / "r0").iterdir() if p.is_dir()]
+        (run_dir,) = [p for p in self.results(0).iterdir() if p.is_dir()]
         return run_dir
 
     def records(self) -> list[dict]:
@@ -101,12 +130,21 @@ def wait_for_rank_log(folder: Path, timeout: float = 180) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
-    config = {"name": "nodes", "base": PROFILED, "matrix": {"parallel.world_size": [2, 4]}}
-    nodes = Nodes(tmp_path_factory.mktemp("nodes"), config)
-    codes = nodes.wait()
-    assert codes == [0, 0], nodes.output(0) + nodes.output(1)
-    return nodes
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+    """World sizes 2 and 4 over two nodes: in two namespaces where they can be made."""
+    tmp = tmp_path_factory.mktemp("nodes")
+    net = NetNodes(tmp, 2, rate_mbit=1000) if netns.available() is None else None
+    try:
+        config = {"name": "nodes", "base": PROFILED, "matrix": {"parallel.world_size": [2, 4]}}
+        nodes = Nodes(tmp, config, net=net)
+        codes = nodes.wait()
+        assert codes == [0, 0], nodes.output(0) + nodes.output(1)
+        if net is not None:
+            assert [net.pids(n) for n in net.nodes] == [[], []]  # nothing left in either node
+        yield nodes
+    finally:
+        if net is not None:
+            net.close()
 
 
 def test_every_cell_ok_on_both_nodes_with_the_reference_losses(sweep: Nodes) -> None:
@@ -114,6 +152,8 @@ def test_every_cell_ok_on_both_nodes_with_the_reference_losses(sweep: Nodes) -> 
     assert set(records) == {2, 4} and {r["status"] for r in records.values()} == {"ok"}
     for record in records.values():
         assert record["metrics"]["loss_matches_reference"] is True  # the world-size-1 reference
+        counted = record["metrics"]["comm"]["counted_per_step"]  # what the ranks issued, by group and kind
+        assert counted == formula_bytes(record["config"]), (counted, record["config"]["parallel"])
     assert records[4]["metrics"]["loss"] == pytest.approx(records[2]["metrics"]["loss"], rel=1e-5)
     for rank in (0, 1):
         assert len(re.findall(r"^\[\d/2\] ws\d \.\.\. ok ", sweep.output(rank), re.M)) == 2, sweep.output(rank)
@@ -125,7 +165,8 @@ def test_node_0_folder_holds_every_ranks_log_and_trace(sweep: Nodes) -> None:
         logs = {p.name for p in (run_dir / "logs" / cell).iterdir()}
         assert logs == {*(f"rank{r}.{ext}" for r in range(world) for ext in ("log", "ring")), "torchrun.log",
                         "torchrun.node1.log"}, logs
-        assert all((run_dir / "logs" / cell / f"rank{r}.log").stat().st_size > 0 for r in range(world))
+        for r in range(world):  # each rank's own lines, not only the runner's attempt mark
+            assert "strategy isp" in (run_dir / "logs" / cell / f"rank{r}.log").read_text(), (cell, r)
         traces = sorted(p.name for p in (run_dir / "traces" / cell).iterdir())
         assert traces == [f"rank{r}.json.gz" for r in range(world)]
     for record in sweep.records():  # every rank's trace figures reached the record, paths in node 0's folder
@@ -135,8 +176,11 @@ def test_node_0_folder_holds_every_ranks_log_and_trace(sweep: Nodes) -> None:
     env = json.loads((run_dir / "env.json").read_text())
     assert env["nnodes"] == 2 and [n["node_rank"] for n in env["nodes"]] == [0, 1]
     assert all(n["hostname"] for n in env["nodes"])
+    if sweep.net is not None:  # two hosts that know each other by name, as in a cluster
+        assert [n["hostname"] for n in env["nodes"]] == [n.hostname for n in sweep.net.nodes]
+        assert env["rdzv_endpoint"].startswith(sweep.net.nodes[0].address + ":")
     # Node 1 keeps a pointer to node 0's folder and nothing else.
-    (pointer,) = list((sweep.tmp / "r1").iterdir())
+    (pointer,) = list(sweep.results(1).iterdir())
     assert json.loads(pointer.read_text())["run_dir_on_node0"] == str(run_dir)
 
 
@@ -168,14 +212,14 @@ def test_a_node_killed_mid_cell_fails_that_cell_on_both_and_the_sweep_goes_on(tm
 
 def test_a_runner_that_dies_is_a_lost_node_and_node_0_finishes_the_sweep(tmp_path: Path) -> None:
     config = {"name": "lost", "base": BASE, "matrix": {"run.measure_steps": [200, 2]}}
-    nodes = Nodes(tmp_path, config)
+    nodes = Nodes(tmp_path, config, "--heartbeat-timeout", "5")
     wait_for_rank_log(tmp_path / "r1")
     for pid in [nodes.procs[1].pid, *descendants(nodes.procs[1].pid)]:  # the whole node: runner and job
         os.kill(pid, signal.SIGKILL)
     codes = nodes.wait()
     assert codes == [1, -signal.SIGKILL], nodes.output(0)
     first, second = nodes.records()
-    assert first["status"] == "failed" and "node 1: lost node 1 (no heartbeat" in first["error"]["reason"]
+    assert first["status"] == "failed" and "node 1: lost node 1 (no heartbeat for 5s)" in first["error"]["reason"]
     assert second["status"] == "failed" and second["error"]["reason"].startswith("lost node 1")
 
 

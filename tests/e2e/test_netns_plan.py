@@ -13,7 +13,9 @@ wp = 2 calibration measured it (an alpha-beta fit of all its rows, and its curve
 reduce_scatter run as an all_reduce (`runs_as`: its measured cost here). Every other group is
 planned from placement alone.
 
-Judged: per call across the cable (the weight group's all_gather and reduce_scatter), within
+Judged: per call across the cable (the weight group's all_gather and reduce_scatter; its
+all_to_all, where the node's two ranks share the one veth, links.nics_per_node 1, is printed:
+at 4 MiB gloo's pairwise exchange over the cable swung from -7% to -26% with the host's load), within
 25% of the measured mean from 2 MiB up, where the cable's rate decides the time (smaller calls
 are latency and this host's noise: printed, not judged); and the planned ranking of the two
 layouts is the measured one. Inside a node a call is memory copies on the CPUs that both
@@ -149,7 +151,8 @@ def hardware(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
                "times_s": [t for _, t in _rows(calibration, op)]} for op in calibration["ops"]]
     return {"name": "two-netns-nodes", "device": {"name": "cpu", "memory_gib": 16},
             "compute": {"achieved": _compute_rates(4 / (os.cpu_count() or 1))},
-            "links": {"gpus_per_node": PER_NODE,
+            # One veth per node (every rank of a node shares it) and gloo's ring algorithms.
+            "links": {"gpus_per_node": PER_NODE, "nics_per_node": 1, "algorithm": "ring",
                       "intra": {"busbw_gbps": busbw / 1e9, "latency_us": latency * 1e6},
                       "inter": {"busbw_gbps": RATE_MBIT / 8 / 1000, "latency_us": latency * 1e6},
                       "curves": curves, "runs_as": RUNS_AS}}
@@ -186,7 +189,8 @@ def _print(rows: list[dict[str, Any]], ranking: list[tuple[str, float, float]]) 
 def test_planned_calls_across_and_inside_the_nodes_match_the_measured_ones(measured: dict) -> None:
     rows = comparison(measured)
     _print(rows, _ranking(measured))
-    assert {r["link"] for r in rows if r["nodes"] == 2} == {"inter link"}  # across: from the cable's rate
+    # across: from the cable's rate (one NIC per node, the veth)
+    assert all(r["link"].startswith("inter: ") and r["link"].endswith(" of 2 nodes") for r in rows if r["nodes"] == 2)
     # inside: from the inside calibration, never from the cable (a 2-rank group across nodes would be)
     assert {r["link"] for r in rows if r["nodes"] == 1} == {f"measured {op} on 2 ranks" for op in
                                                             ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")}
@@ -225,8 +229,9 @@ def test_layouts_that_differ_in_what_crosses_the_cable_rank_as_measured(measured
             links[(config.parallel.sp, config.parallel.wp)] = {g: {k: c["link"] for k, c in kinds.items()}
                                                               for g, kinds in comm.items()}
     inside = "measured {} on 2 ranks".format
-    assert links[(2, 4)]["weight"] == {"all_gather": "inter link", "reduce_scatter": "inter link"}, links
+    across = lambda link: link.startswith("inter: ")  # noqa: E731
+    assert all(across(links[(2, 4)]["weight"][k]) for k in ("all_gather", "reduce_scatter")), links
     assert links[(2, 4)]["sequence"]["all_to_all"] == inside("all_to_all"), links
     assert links[(4, 2)]["weight"] == {"all_gather": inside("all_gather"), "reduce_scatter": inside("reduce_scatter")}
-    assert links[(4, 2)]["sequence"]["all_to_all"] == "inter link", links
-    assert links[(4, 2)]["weight_data"]["all_reduce"] == "inter link", links
+    assert across(links[(4, 2)]["sequence"]["all_to_all"]), links
+    assert across(links[(4, 2)]["weight_data"]["all_reduce"]), links

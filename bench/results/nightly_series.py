@@ -233,7 +233,8 @@ def judge_series(ctx: Context, cell: str, metric: str, exact: bool, canary: bool
     if earlier < s.min_history:
         return SeriesVerdict(cell, metric, check, TOO_LITTLE, earlier, values[-1],
                              note=f"{earlier} earlier run(s), K = {s.min_history}") if measured else None
-    flags = ctx.straggler_nights(cell, points)
+    # A slow rank moves the timings, not what a rank allocates: memory is judged on every night.
+    flags = ctx.straggler_nights(cell, points) if metric != PEAK else [False] * len(points)
     state = judge_values(values, s.detector, s.recent, higher_is_better=higher_is_better(metric), exact=exact,
                          acks=ctx.ack_points(cell, metric, points), stragglers=flags)
     opens = tuple(ctx.change(points, o, cell, metric, canary,
@@ -243,5 +244,12 @@ def judge_series(ctx: Context, cell: str, metric: str, exact: bool, canary: bool
         return None
     improved = ctx.change(points, state.improvement, cell, metric, canary) if state.improvement else None
     status = status_of(opens) or (IMPROVEMENT if improved else NO_CHANGE)
+    if status == NO_CHANGE and measured and flags[-1] and not exact:
+        # Tonight's record names a straggler rank, so tonight's value is left out of the code's
+        # series (judge_values): labelled as the straggler's night, not judged, whatever it shows.
+        # (Two such nights that move the series open a straggler-only change above.)
+        label = ctx.straggler_label(cell, points, flags, len(points) - 1)
+        return SeriesVerdict(cell, metric, check, STRAGGLER, earlier, values[-1], None,
+                             f"{label} tonight: tonight's value is not judged as the code")
     return SeriesVerdict(cell, metric, check, status, earlier, values[-1] if measured else None,
                          opens[-1] if opens else improved, open_note(opens, measured), opens)

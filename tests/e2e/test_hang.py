@@ -170,6 +170,48 @@ def test_one_node_stopped_rank_named_with_dumps_and_a_slowed_rank_named_straggle
     assert compute["values"][1] > 1.3 * compute["values"][0] and found["slowest"]["lag_pct"] > 10
     summary = (run_dir / "summary.md").read_text()
     assert f"`{slowed['cell']}`: rank 1 (node 0) +" in summary and "straggler" in summary
+    judge_a_night_with_only_this_straggler(tmp_path / "nights", run_dir, slowed)
+
+
+def _night(root: Path, run_dir: Path, day: int, record: dict) -> Path:
+    """A copy of the real run folder holding one record, dated 2026-01-<day>."""
+    night = root / f"202601{day:02d}-020000_hang"
+    night.mkdir(parents=True)
+    env = json.loads((run_dir / "env.json").read_text())
+    (night / "env.json").write_text(json.dumps({**env, "utc": f"2026-01-{day:02d}T02:00:00+00:00"}))
+    (night / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    cells = [c for c in json.loads((run_dir / "cells.json").read_text()) if c["cell"] == record["cell"]]
+    (night / "cells.json").write_text(json.dumps(cells))
+    (night / "results.jsonl").write_text(json.dumps({**record, "run": night.name}) + "\n")
+    return night
+
+
+def judge_a_night_with_only_this_straggler(root: Path, run_dir: Path, slowed: dict) -> None:
+    """Six earlier nights of the same cell without a straggler, 20% faster (the record's own
+    figures, its straggler fields emptied), then tonight's real record: the nightly labels the
+    slowdown as the straggler's, names it, and does not call it a code regression (exit 3)."""
+    db = root / "history.sqlite"
+    for day in range(1, 7):
+        calm = json.loads(json.dumps(slowed))
+        step = calm["metrics"]["step_time_s"]
+        step.update({k: v * 0.8 for k, v in step.items() if isinstance(v, float)},
+                    samples=[x * 0.8 for x in step["samples"]])
+        calm["metrics"]["tokens_per_s"] /= 0.8
+        calm["metrics"]["straggler"].update(stragglers=[], node_stragglers=[],
+                                            slowest={**calm["metrics"]["straggler"]["slowest"], "lag_pct": 1.0})
+        out = subprocess.run([sys.executable, str(REPO / "run_bench.py"), "history", "record",
+                              str(_night(root, run_dir, day, calm)), "--db", str(db)], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+    tonight = _night(root, run_dir, 7, slowed)
+    out = subprocess.run([sys.executable, str(REPO / "run_bench.py"), "nightly", "--run", str(tonight), "--db", str(db),
+                          "--format", "json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    doc = json.loads((tonight / "nightly.json").read_text())
+    assert out.returncode == 3 and doc["exit_code"] == 3 and doc["regressions"] == 0, out.stdout + out.stderr
+    step = next(v for v in doc["series"] if v["metric"] == "step_time_s")
+    assert step["status"] == "straggler" and step["note"].startswith("straggler rank 1 (node 0), lag "), step
+    md = (tonight / "nightly.md").read_text()
+    assert "## Straggler nights (not the code)" in md and "## Regressions" not in md, md
 
 
 def test_two_nodes_stopped_rank_on_node_1_named_by_node_0(tmp_path: Path) -> None:

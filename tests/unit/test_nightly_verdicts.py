@@ -182,6 +182,22 @@ def test_a_straggler_night_is_labelled_not_a_code_regression(tmp_path: Path) -> 
     assert doc["exit_code"] == 1 and step_verdicts(doc)["ws4_overlap-on"]["status"] == "regression"
 
 
+def test_one_straggler_night_is_labelled_and_not_judged(tmp_path: Path) -> None:
+    """Only tonight names a straggler (20% slower): too soon for a change point, yet tonight's
+    timings are the straggler's, so they are labelled, and the night is not judged complete."""
+    runs, db = write_nights(tmp_path, [1.0] * 10), tmp_path / "h.sqlite"
+    for night, run in enumerate(runs, start=1):
+        edit_records(run, _straggler(night, 19.5 if night == 10 else 1.2, night == 10))
+    record(db, runs[:9])
+    doc = judge(runs[9], db)
+    mine = {v["metric"]: v for v in doc["series"] if v["cell"] == "ws4_overlap-on"}
+    assert doc["exit_code"] == 3 and doc["regressions"] == 0
+    assert mine["step_time_s"]["status"] == "straggler"
+    assert mine["step_time_s"]["note"] == "straggler rank 5 (node 0), lag 19.5% tonight: tonight's value is not judged as the code"
+    assert mine["peak_memory_bytes"]["status"] == "no change"  # a slow rank moves timings, not memory
+    assert all(v["status"] == "no change" for v in doc["series"] if v["cell"] != "ws4_overlap-on" and v["check"] != "exact")
+
+
 def _loss(curve: list[float], seed: int | None = None):  # type: ignore[no-untyped-def]
     def edit(record: dict[str, Any]) -> None:
         if record["cell"] == CELL:

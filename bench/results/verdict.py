@@ -58,7 +58,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("mfu", True, 5.0, "better", "worse", ""),
     MetricSpec("exposed_comm_s", False, 10.0, "better", "worse", "s", abs_floor=1e-3, gate_without_samples=False),
     MetricSpec("overlap_pct", True, 10.0, "better", "worse", "%", abs_floor=1.0, gate_without_samples=False),
-    MetricSpec("energy_per_token_j", False, 5.0, "better", "worse", "J", gate_without_samples=False),
+    # Where the record keeps it: the NVML section (bench/metrics/assemble.py nvml_metrics).
+    MetricSpec("nvml.energy_per_token_j", False, 5.0, "better", "worse", "J", gate_without_samples=False),
 )
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 

@@ -169,3 +169,18 @@ def test_judge_rule_edges() -> None:
     many = judge(time, 1.0, 1.5, jittered(1.0, seed=1), jittered(1.5, seed=2), 0.05)
     assert many.word == "slower" and many.regressed
     assert len(CELLS) == 4
+
+
+def test_energy_per_token_is_read_where_the_record_keeps_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """metrics.nvml.energy_per_token_j (bench/metrics/assemble.py), shown beside the others."""
+    runs = []
+    for name, energy in (("base", 0.50), ("new", 0.60)):
+        run = write_run(tmp_path, name)
+        lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+        for record in lines:
+            record["metrics"]["nvml"] = {"available": True, "energy_per_token_j": energy}
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        runs.append(run)
+    _, report = _json(capsys, [str(r) for r in runs])
+    rows = [r for r in report["rows"] if r["metric"] == "nvml.energy_per_token_j"]
+    assert len(rows) == len(CELLS) and all(r["ratio"] == pytest.approx(1.2) for r in rows), rows

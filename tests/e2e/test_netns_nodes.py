@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from bench.sweep.processes import RUN_ENV
+from tests.e2e import test_hang as hang
 from tests.e2e.test_two_nodes import BASE, Nodes, wait_for_rank_log
 from tests.support import netns
 from tests.support.netns import NetNodes
@@ -152,13 +153,11 @@ def test_resume_on_both_nodes_sets_the_torn_tail_aside_ends_leftovers_and_comple
 
 
 def test_a_hang_across_the_link_names_the_stuck_rank_on_the_other_node(net: NetNodes, tmp_path: Path) -> None:
-    """i19a's hang diagnosis (bench/sweep/hang.py) across the cable: the highest rank of node 1
+    """The hang diagnosis (bench/sweep/hang.py) across the cable: the highest rank of node 1
     SIGSTOPped mid-measure; node 0's record names it, with its node and its collective."""
-    hang = pytest.importorskip("tests.e2e.test_hang", reason="the hang diagnosis of issue 19 (branch i19a) "
-                                                              "is not on this branch")
-    nodes = Nodes(tmp_path, {"name": "hang", "base": hang.HANG}, "--grace-s", "4", net=net)
+    nodes = Nodes(tmp_path, {"name": "hang", "base": hang.HANG}, "--grace-s", "4", net=net, subdir="hang")
     try:
-        ring = hang.stop_when_measuring(net.nodes[1].results, lambda found: max(found, default=None))
+        ring = hang.stop_when_measuring(nodes.results(1), lambda found: max(found, default=None))
     finally:
         codes = nodes.wait()
     assert codes == [1, 1], nodes.output(0) + nodes.output(1)

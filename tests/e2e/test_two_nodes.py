@@ -64,8 +64,10 @@ class Nodes:
     On loopback by default; with `net`, each in its own namespace, at node 0's address."""
 
     def __init__(self, tmp: Path, config: dict | None, *extra: str, port: int | None = None,
-                 net: NetNodes | None = None, ranks: tuple[int, ...] = (0, 1)) -> None:
-        self.tmp, self.port, self.net = tmp, port or free_port(), net
+                 net: NetNodes | None = None, ranks: tuple[int, ...] = (0, 1), subdir: str = "") -> None:
+        # subdir: a results folder of its own inside each namespaced node's, for a test that shares
+        # the nodes with others (their run folders and rings must not be taken for its own)
+        self.tmp, self.port, self.net, self.subdir = tmp, port or free_port(), net, subdir
         self.host = net.nodes[0].address if net is not None else "127.0.0.1"
         args = []
         if config is not None:
@@ -74,7 +76,7 @@ class Nodes:
         self.procs = [self._start(r, [*args, *extra]) for r in ranks]
 
     def results(self, rank: int) -> Path:
-        return self.net.nodes[rank].results if self.net is not None else self.tmp / f"r{rank}"
+        return self.net.nodes[rank].results / self.subdir if self.net is not None else self.tmp / f"r{rank}"
 
     def _start(self, rank: int, args: list[str]) -> subprocess.Popen:
         out = open(self.tmp / f"node{rank}.out", "a")

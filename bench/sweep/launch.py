@@ -19,11 +19,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
+from bench.metrics.phases import LAUNCHED_ENV
 from bench.sweep.processes import (
     RUN_ENV,
     die_with_parent,
@@ -91,6 +92,7 @@ class Outcome:
     error: dict[str, Any] | None
     wall_s: float
     warnings: tuple[str, ...] = ()
+    job_s: float | None = None  # this node's job alone, start to exit (wall_s may add coordination)
 
     def __post_init__(self) -> None:
         assert self.status in STATUSES, self.status
@@ -125,6 +127,7 @@ def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str
 
 def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[LAUNCHED_ENV] = repr(time.time())  # the worker's launch_to_first_line (bench/metrics/phases.py)
     if opts.run_token:
         env[RUN_ENV] = opts.run_token
     if cell.run.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -180,7 +183,8 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
             signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
             return Outcome("interrupted", None, failure(paths, None, f"interrupted by {signame}"),
                            time.monotonic() - start)
-    return judge(paths, proc.returncode, time.monotonic() - start)
+    wall = time.monotonic() - start
+    return replace(judge(paths, proc.returncode, wall), job_s=wall)
 
 
 def judge(paths: CellPaths, returncode: int, wall: float) -> Outcome:

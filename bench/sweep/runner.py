@@ -27,11 +27,11 @@ from typing import Any, TextIO
 import yaml
 
 from bench.config.matrix import BenchConfig, Cell
-from bench.metrics import roofline
+from bench.metrics import phases, roofline
 from bench.metrics.collectives_spec import table_of
 from bench.results.records import SCHEMA_VERSION, append_record
 from bench.results.torn import set_torn_tail_aside
-from bench.sweep import env_info, lock
+from bench.sweep import env_info, lock, references
 from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
 from bench.sweep.processes import end_leftovers, kill_me_after
 
@@ -167,11 +167,14 @@ def _sigterm_as_interrupt(grace_s: float) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]) -> None:
-    """The worker's inputs: the cell's config and, for a training cell, the link curves its
-    metrics.roofline is computed from (this run's collectives cells, then --link-profile's)."""
+def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve],
+                      shared: dict[str, Any] | None = None) -> None:
+    """The worker's inputs: the cell's config, the loss reference it computes or reuses
+    (bench/sweep/references.py) and, for a training cell, the link curves its metrics.roofline
+    is computed from (this run's collectives cells, then --link-profile's)."""
     paths.config.parent.mkdir(parents=True, exist_ok=True)
     paths.config.write_text(json.dumps(cell.config.to_dict(), indent=1) + "\n")
+    references.write_input(paths.config.parent, shared)
     links = paths.config.parent / roofline.LINKS_FILE
     if cell.config.run.kind == "training" and curves:
         links.write_text(json.dumps(roofline.curves_to_json(curves)) + "\n")
@@ -186,7 +189,7 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
     `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several."""
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
     # Collectives cells first, so the training cells after them get a roofline from this run.
-    cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
+    cells = references.hosts_first(sorted(cells, key=lambda c: c.config.run.kind != "collectives"))
     start, durations, failed = time.monotonic(), [], 0
     with _sigterm_as_interrupt(grace_s):
         try:
@@ -212,9 +215,15 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
 
 def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofline.Curve],
              launcher: Callable[..., Outcome]) -> Outcome:
+    begun = time.monotonic()
     paths = CellPaths.under(run_dir, cell.id)
-    write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
+    shared = references.instruction(run_dir, cell)
+    write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked, shared)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     outcome = launcher(cell.config, paths, opts)
-    append_record(run_dir / RESULTS, make_record(run_dir, cell, started, outcome))
+    references.keep(run_dir, shared, outcome.metrics)
+    phases.complete(outcome.metrics, outcome.job_s if outcome.job_s is not None else outcome.wall_s)
+    record = make_record(run_dir, cell, started, outcome)
+    record["runner_overhead_s"] = round(max(0.0, time.monotonic() - begun - outcome.wall_s), 4)
+    append_record(run_dir / RESULTS, record)
     return outcome

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 
 from bench.config.cell import CellConfig
+from bench.metrics.loss_check import REFERENCE_FILE
+from bench.metrics.phases import PhaseClock
 from bench.metrics.roofline import LINKS_FILE, curves_from_json
 from bench.worker.cell import run_cell, setup
 from bench.worker.finish import teardown, write_agreed_result
@@ -45,20 +47,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--log-dir", type=Path, required=True)
     args = parser.parse_args(argv)
+    clock = PhaseClock.from_env()  # the worker's first line: its imports are done
     rank = int(os.environ.get("RANK", 0))
     redirect_output(args.log_dir, rank)
     try:
         config = CellConfig.from_dict(json.loads(args.cell_config.read_text()))
-        device = setup(config)
+        with clock.phase("process_group"):
+            device = setup(config)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         cell_id = args.cell_config.parent.name
         if config.run.kind == "collectives":  # nccl-tests-style sweep: docs/collectives.md
             from bench.worker.collectives import run_collectives
 
-            return run_collectives(config, cell_id, args.out, device)
+            return run_collectives(config, cell_id, args.out, device, clock)
         links = args.cell_config.parent / LINKS_FILE
         curves = curves_from_json(json.loads(links.read_text())) if links.is_file() else []
-        metrics = run_cell(config, cell_id, args.out.parents[2], device, curves)
+        shared = args.cell_config.parent / REFERENCE_FILE
+        metrics = run_cell(config, cell_id, args.out.parents[2], device, curves, clock,
+                           json.loads(shared.read_text()) if shared.is_file() else None)
         write_agreed_result(args.out, {"metrics": metrics})
         return 0
     except BaseException:

@@ -222,6 +222,9 @@ def host_problems(cell: CellConfig, host: HostLimits) -> list[Problem]:
         out.append(Problem("parallel.world_size", f"{per_node} gloo ranks per node on {host.cpu_count} cores: "
                                                   "ranks beyond max(4, cpu count) only measure contention; "
                                                   f"allowed: <= {cap} per node"))
+    if r.reuse_workers and host.nnodes > 1:
+        out.append(Problem("run.reuse_workers", f"true on nnodes={host.nnodes}: a reused worker job runs on one "
+                                                "node; allowed here: false"))
     if cell.nvml.enabled is True and (why := host.nvml_problem()):
         out.append(Problem("nvml.enabled", f"true but NVML cannot start here ({why}); "
                                            "allowed here: 'auto' or false"))

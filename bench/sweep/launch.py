@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bench.config.cell import CellConfig
 from bench.metrics.phases import LAUNCHED_ENV
@@ -35,6 +35,7 @@ from bench.sweep.processes import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKER = "bench.worker"
+TORCHRUN = "bench.sweep.torchrun"  # torchrun itself, without its interpreter's slow shutdown
 TAIL_LINES = 40
 # Any of these means the user chose how ranks meet; without them a single node is assumed.
 _RDZV = ("--standalone", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend",
@@ -115,14 +116,18 @@ class Interrupted(KeyboardInterrupt):
         self.signame = signame
 
 
-def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str]:
+def torchrun_command(world_size: int, opts: LaunchOptions, worker_module: str) -> list[str]:
+    """torchrun with this node's share of `world_size` ranks, up to the worker module."""
     passthrough = list(opts.torchrun_args)
     if not any(a.split("=")[0] in _RDZV for a in passthrough):
         passthrough.insert(0, "--standalone")
-    return [opts.python, "-m", "torch.distributed.run",
-            f"--nproc-per-node={cell.parallel.world_size // opts.nnodes}", *passthrough,
-            "-m", opts.worker_module, "--cell-config", str(paths.config), "--out", str(paths.result),
-            "--log-dir", str(paths.log_dir)]
+    return [opts.python, "-m", TORCHRUN, f"--nproc-per-node={world_size // opts.nnodes}", *passthrough,
+            "-m", worker_module]
+
+
+def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str]:
+    return [*torchrun_command(cell.parallel.world_size, opts, opts.worker_module), "--cell-config",
+            str(paths.config), "--out", str(paths.result), "--log-dir", str(paths.log_dir)]
 
 
 def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
@@ -141,16 +146,16 @@ def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
     return env
 
 
-def start_attempt(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> str:
+def start_attempt(cell: CellConfig, paths: CellPaths, opts: LaunchOptions, how: str | None = None) -> str:
     """Mark a new attempt in torchrun.log and this node's rank logs; return the marked line.
-    Earlier attempts' lines stay above it."""
+    Earlier attempts' lines stay above it. `how`: what runs the cell, when not its own command."""
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     attempt = 1 + sum(line.startswith(ATTEMPT_MARK) for line in _read(paths.torchrun_log).splitlines())
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     mark = f"{ATTEMPT_MARK}{attempt} of {paths.log_dir.name}, {stamp} ===="
     for r in range(cell.parallel.world_size // opts.nnodes):
         _append_line(paths.log_dir / f"rank{r}.log", mark)
-    _append_line(paths.torchrun_log, f"{mark}\n$ {' '.join(command(cell, paths, opts))}")
+    _append_line(paths.torchrun_log, f"{mark}\n{how or '$ ' + ' '.join(command(cell, paths, opts))}")
     return mark
 
 
@@ -159,17 +164,22 @@ def _append_line(path: Path, text: str) -> None:
         f.write(("\n" if f.tell() else "") + text + "\n")  # a blank line between attempts
 
 
+def start_job(cmd: list[str], env: dict[str, str], log: IO[str]) -> subprocess.Popen[bytes]:
+    """A torchrun job writing to `log`, in a session of its own, that dies with the runner."""
+    with signals_held():  # a signal during the fork would be lost in an at-fork hook
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                start_new_session=True,  # its own group: Ctrl-C is ours to handle
+                                preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
+
+
 def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
     """Run the cell's torchrun job to its end, its timeout, or an interrupt (status interrupted)."""
     paths.result.unlink(missing_ok=True)  # a result left by an earlier attempt must not count
     start_attempt(cell, paths, opts)
     start = time.monotonic()
     with open(paths.torchrun_log, "a") as log:
-        with signals_held():  # a signal during the fork would be lost in an at-fork hook
-            proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True,  # its own group: Ctrl-C is ours to handle
-                                    preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
+        proc = start_job(command(cell, paths, opts), environment(cell, opts), log)
         try:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:

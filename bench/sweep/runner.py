@@ -32,6 +32,7 @@ from bench.metrics.collectives_spec import table_of
 from bench.results.records import SCHEMA_VERSION, append_record
 from bench.results.torn import set_torn_tail_aside
 from bench.sweep import env_info, lock, references
+from bench.sweep.pool import WorkerPool, grouped
 from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
 from bench.sweep.processes import end_leftovers, kill_me_after
 
@@ -189,13 +190,16 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
     `launcher` runs one cell: launch() on one node, bench/sweep/lockstep.py's on several."""
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
     # Collectives cells first, so the training cells after them get a roofline from this run.
-    cells = references.hosts_first(sorted(cells, key=lambda c: c.config.run.kind != "collectives"))
+    # Then each reference's host cell ahead of its key (references.py), with reused workers one
+    # world size after another (pool.py).
+    cells = references.hosts_first(grouped(sorted(cells, key=lambda c: c.config.run.kind != "collectives")))
     start, durations, failed = time.monotonic(), [], 0
-    with _sigterm_as_interrupt(grace_s):
+    with _sigterm_as_interrupt(grace_s), contextlib.closing(WorkerPool(run_dir, opts)) as pool:
         try:
             for k, cell in enumerate(cells, 1):
                 print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)
-                outcome = _run_one(run_dir, cell, opts, linked, launcher)
+                reuse = cell.config.run.reuse_workers and launcher is launch  # one node only
+                outcome = _run_one(run_dir, cell, opts, linked, pool.launch if reuse else launcher)
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"
                 print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)

@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -25,7 +25,7 @@ from bench.metrics.loss_check import REFERENCE_FILE
 from bench.metrics.phases import PhaseClock
 from bench.metrics.roofline import LINKS_FILE, curves_from_json
 from bench.worker.cell import run_cell, setup
-from bench.worker.finish import teardown, write_agreed_result
+from bench.worker.finish import leave, teardown, write_agreed_result
 
 
 def redirect_output(log_dir: Path, rank: int) -> None:
@@ -48,24 +48,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--log-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     clock = PhaseClock.from_env()  # the worker's first line: its imports are done
+    return run_task(args.cell_config, args.out, args.log_dir, clock)
+
+
+def run_task(cell_config: Path, out: Path, log_dir: Path, clock: PhaseClock, store: Optional[Any] = None) -> int:
+    """One cell on this rank, its process group set up and torn down; bench/worker/pool.py runs
+    several in turn, each on a `store` of its own (a torch.distributed Store)."""
     rank = int(os.environ.get("RANK", 0))
-    redirect_output(args.log_dir, rank)
+    redirect_output(log_dir, rank)
     try:
-        config = CellConfig.from_dict(json.loads(args.cell_config.read_text()))
+        config = CellConfig.from_dict(json.loads(cell_config.read_text()))
         with clock.phase("process_group"):
-            device = setup(config)
+            device = setup(config, store)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        cell_id = args.cell_config.parent.name
+        cell_id = cell_config.parent.name
         if config.run.kind == "collectives":  # nccl-tests-style sweep: docs/collectives.md
             from bench.worker.collectives import run_collectives
 
-            return run_collectives(config, cell_id, args.out, device, clock)
-        links = args.cell_config.parent / LINKS_FILE
+            return run_collectives(config, cell_id, out, device, clock)
+        links = cell_config.parent / LINKS_FILE
         curves = curves_from_json(json.loads(links.read_text())) if links.is_file() else []
-        shared = args.cell_config.parent / REFERENCE_FILE
-        metrics = run_cell(config, cell_id, args.out.parents[2], device, curves, clock,
+        shared = cell_config.parent / REFERENCE_FILE
+        metrics = run_cell(config, cell_id, out.parents[2], device, curves, clock,
                            json.loads(shared.read_text()) if shared.is_file() else None)
-        write_agreed_result(args.out, {"metrics": metrics})
+        write_agreed_result(out, {"metrics": metrics})
         return 0
     except BaseException:
         traceback.print_exc()
@@ -76,4 +82,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # a failure raises out of main() instead: the usual traceback and exit code 1

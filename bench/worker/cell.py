@@ -54,7 +54,9 @@ class Cell:
     clock: PhaseClock = field(default_factory=PhaseClock)  # seconds per phase (metrics.phases_s)
 
 
-def setup(config: CellConfig) -> torch.device:
+def setup(config: CellConfig, store: Optional[Any] = None) -> torch.device:
+    """The device and the default process group: from torchrun's environment, or on `store`
+    (a reused worker's fresh one per cell)."""
     run = config.run
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if run.device == "cuda":
@@ -67,7 +69,9 @@ def setup(config: CellConfig) -> torch.device:
                            f"needs parallel.world_size={config.parallel.world_size}")
     # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing
     # the device from the first collective's tensors).
-    dist.init_process_group(run.backend, device_id=device if device.type == "cuda" else None)
+    where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                      "world_size": config.parallel.world_size}
+    dist.init_process_group(run.backend, device_id=device if device.type == "cuda" else None, **where)
     return device
 
 
@@ -75,7 +79,7 @@ def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device,
           clock: Optional[PhaseClock] = None) -> Cell:
     p, clock = config.parallel, clock or PhaseClock()
     with clock.phase("process_group"):  # new_group is collective: part of the process-group set-up
-        topo = ParallelTopology.from_env(p.sp, p.wp)
+        topo = ParallelTopology.from_env(p.sp, p.wp, build=strategies.get(p.strategy).groups)
     with clock.phase("build"):
         # Raises (the cell fails) when run.attention is flash and flash-attn cannot run here.
         attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])

@@ -120,7 +120,7 @@ class WorkerPool:
             return Outcome("interrupted", None, failure(paths, None, f"interrupted by {signame}"),
                            time.monotonic() - begun)
         wall = time.monotonic() - begun
-        code = max(int(p.read_text() or 1) for p in done)
+        code = max(int(p.read_text()) for p in done)
         return replace(judge(paths, code, wall), job_s=wall)
 
     def _kill(self, job: Job, paths: CellPaths, offset: int) -> None:

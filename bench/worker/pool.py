@@ -79,7 +79,9 @@ def serve(pool_dir: Path) -> int:
         code = run_task(Path(task["cell_config"]), Path(task["out"]), Path(task["log_dir"]), clock,
                         dist.PrefixStore(f"isp-bench/cell{k}", store))
         note_cell_done()
-        done_path(pool_dir, k, rank).write_text(f"{code}\n")
+        done, tmp = done_path(pool_dir, k, rank), pool_dir / f".done-{k}.rank{rank}.tmp"
+        tmp.write_text(f"{code}\n")
+        os.replace(tmp, done)  # whole when it appears: the runner reads it at once
         if code:
             return code
     return 0

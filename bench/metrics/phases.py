@@ -22,10 +22,8 @@ the record itself.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 PHASES: tuple[str, ...] = ("launch_to_first_line", "process_group", "build", "warmup", "measure",
@@ -38,10 +36,13 @@ SHORT = {"launch_to_first_line": "launch", "process_group": "groups", "build": "
 
 
 class PhaseClock:
-    """Seconds per phase of one rank: `with clock.phase("build"): ...`; a phase entered twice adds up."""
+    """Seconds per phase of one rank, as laps: `clock.lap("build")` after the build gives it the
+    time since the previous lap (a phase lapped twice adds up); `skip()` gives that time to no
+    phase. The first lap starts at the clock's creation, the worker's first line."""
 
     def __init__(self, launched_at: float | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
         if launched_at is not None:  # wall clocks: the runner's and this process' (one host)
             self.seconds["launch_to_first_line"] = max(0.0, time.time() - launched_at)
 
@@ -53,14 +54,14 @@ class PhaseClock:
         except (KeyError, ValueError):
             return cls()
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def lap(self, name: str) -> None:
         assert name in WORKER_PHASES, name
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def skip(self) -> None:
+        self._last = time.perf_counter()
 
     def as_record(self) -> dict[str, float]:
         """Every worker phase, 0.0 for those this cell did not run, in PHASES order."""

@@ -41,37 +41,33 @@ def redirect_output(log_dir: Path, rank: int) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, clock: Optional[PhaseClock] = None, store: Optional[Any] = None) -> int:
+    """One cell on this rank. bench/worker/pool.py calls it once per cell of a reused job, with
+    that cell's clock and a torch.distributed Store of the cell's own."""
+    clock = clock or PhaseClock.from_env()  # the worker's first line: its imports are done
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cell-config", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--log-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    clock = PhaseClock.from_env()  # the worker's first line: its imports are done
-    return run_task(args.cell_config, args.out, args.log_dir, clock)
-
-
-def run_task(cell_config: Path, out: Path, log_dir: Path, clock: PhaseClock, store: Optional[Any] = None) -> int:
-    """One cell on this rank, its process group set up and torn down; bench/worker/pool.py runs
-    several in turn, each on a `store` of its own (a torch.distributed Store)."""
     rank = int(os.environ.get("RANK", 0))
-    redirect_output(log_dir, rank)
+    redirect_output(args.log_dir, rank)
     try:
-        config = CellConfig.from_dict(json.loads(cell_config.read_text()))
-        with clock.phase("process_group"):
-            device = setup(config, store)
+        config = CellConfig.from_dict(json.loads(args.cell_config.read_text()))
+        device = setup(config, store)
+        clock.lap("process_group")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        cell_id = cell_config.parent.name
+        cell_id = args.cell_config.parent.name
         if config.run.kind == "collectives":  # nccl-tests-style sweep: docs/collectives.md
             from bench.worker.collectives import run_collectives
 
-            return run_collectives(config, cell_id, out, device, clock)
-        links = cell_config.parent / LINKS_FILE
+            return run_collectives(config, cell_id, args.out, device, clock)
+        links = args.cell_config.parent / LINKS_FILE
         curves = curves_from_json(json.loads(links.read_text())) if links.is_file() else []
-        shared = cell_config.parent / REFERENCE_FILE
-        metrics = run_cell(config, cell_id, out.parents[2], device, curves, clock,
+        shared = args.cell_config.parent / REFERENCE_FILE
+        metrics = run_cell(config, cell_id, args.out.parents[2], device, curves, clock,
                            json.loads(shared.read_text()) if shared.is_file() else None)
-        write_agreed_result(out, {"metrics": metrics})
+        write_agreed_result(args.out, {"metrics": metrics})
         return 0
     except BaseException:
         traceback.print_exc()

@@ -78,16 +78,17 @@ def setup(config: CellConfig, store: Optional[Any] = None) -> torch.device:
 def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device,
           clock: Optional[PhaseClock] = None) -> Cell:
     p, clock = config.parallel, clock or PhaseClock()
-    with clock.phase("process_group"):  # new_group is collective: part of the process-group set-up
-        topo = ParallelTopology.from_env(p.sp, p.wp, build=strategies.get(p.strategy).groups)
-    with clock.phase("build"):
-        # Raises (the cell fails) when run.attention is flash and flash-attn cannot run here.
-        attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])
-        print(f"attention: {attention.name} ({attention.reason})", flush=True)
-        trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
-                                           seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype],
-                                           device=device, lr=config.run.lr)
+    # Raises (the cell fails) when run.attention is flash and flash-attn cannot run here.
+    attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])
+    print(f"attention: {attention.name} ({attention.reason})", flush=True)
+    clock.lap("build")
+    topo = ParallelTopology.from_env(p.sp, p.wp, build=strategies.get(p.strategy).groups)
+    clock.lap("process_group")  # new_group is collective: part of the process-group set-up
+    trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
+                                       seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
+                                       lr=config.run.lr)
     print(f"strategy {p.strategy}; {topo}", flush=True)
+    clock.lap("build")
     return Cell(config, cell_id, run_dir, topo.rank, device, topo, trainer, data_spec(config),
                 attention.as_record(), clock)
 
@@ -126,32 +127,32 @@ class LocalMeasurement:
 
 def measure(cell: Cell) -> LocalMeasurement:
     run, stats = cell.config.run, cell.topo.stats
-    step, clock = 0, cell.clock
-    with clock.phase("warmup"):
-        run_steps(cell, step, run.warmup_steps)
+    step = 0
+    run_steps(cell, step, run.warmup_steps)
+    cell.clock.lap("warmup")
     step += run.warmup_steps
     reset_peak(cell.device)
     stats.reset()
     sampler = make_sampler(cell)
     timer = StepTimer(cell.device)
-    with clock.phase("measure"):
-        if sampler is not None:
-            sampler.start()
-        losses = run_steps(cell, step, run.measure_steps, timer)
-        if sampler is not None:
-            sampler.stop()
+    if sampler is not None:
+        sampler.start()
+    losses = run_steps(cell, step, run.measure_steps, timer)
+    if sampler is not None:
+        sampler.stop()
+    cell.clock.lap("measure")
     step += run.measure_steps
     comm = stats.snapshot()
     stats.enabled = False  # later phases must not change the per-step counts
     out = LocalMeasurement(timer.samples, RankMeasurement(losses, comm, peak_memory(cell.device)), run.warmup_steps)
     if sampler is not None:
         out.rank.nvml = window_summary(sampler, run.measure_steps, cell.config.tokens_per_step)
-    with clock.phase("nvml_overhead"):
-        out.nvml_off_samples, out.nvml_on_samples = nvml_overhead(cell, sampler, run.warmup_steps)
+    out.nvml_off_samples, out.nvml_on_samples = nvml_overhead(cell, sampler, run.warmup_steps)
     if sampler is not None:
         sampler.close()
-    with clock.phase("profile"):
-        out.rank.profile = profile(cell, step)
+    cell.clock.lap("nvml_overhead")
+    out.rank.profile = profile(cell, step)
+    cell.clock.lap("profile")
     return out
 
 
@@ -239,9 +240,10 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
         return None
     pool = getattr(cell.trainer, "memory_pool", None)
     pool_bytes = pool.bytes_held()["total"] if pool is not None else 0
+    cell.clock.skip()  # the reductions above are the runner's reduce_and_teardown
     # After every rank is done measuring: the single-process reference never touches the timings.
-    with cell.clock.phase("loss_reference"):
-        reference, skipped = loss_reference(cell, shared)
+    reference, skipped = loss_reference(cell, shared)
+    cell.clock.lap("loss_reference")
     measurement = Measurement(samples, local.first_measured_step, ranks, off, on, pool_bytes, reference,
                               link_curves or [], cell.attention, skipped)
     metrics = assemble_metrics(cell.config, measurement, device)

@@ -3,7 +3,7 @@
     python -m bench.sweep.torchrun --nproc-per-node=N --standalone -m bench.worker.pool --pool-dir DIR
 
 Every rank waits for DIR/task-<k>.json (written by bench/sweep/pool.py, k = 0, 1, ...), runs
-that cell exactly as a fresh job's worker would (bench/worker/__main__.py: run_task), then
+that cell exactly as a fresh job's worker would (bench/worker/__main__.py: main), then
 writes DIR/done-<k>.rank<r> with its exit code. What keeps each cell's figures its own:
 
 - a fresh default process group per cell, on a store prefix of its own (the earlier cell's
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from bench.metrics.phases import PhaseClock
-from bench.worker.__main__ import run_task
+from bench.worker.__main__ import main as worker_main
 from bench.worker.finish import leave
 from bench.worker.memory import note_cell_done
 
@@ -76,8 +76,8 @@ def serve(pool_dir: Path) -> int:
             return 0
         fresh_state()
         clock = PhaseClock(task["launched_at"])  # the first task's: when the job itself was started
-        code = run_task(Path(task["cell_config"]), Path(task["out"]), Path(task["log_dir"]), clock,
-                        dist.PrefixStore(f"isp-bench/cell{k}", store))
+        argv = ["--cell-config", task["cell_config"], "--out", task["out"], "--log-dir", task["log_dir"]]
+        code = worker_main(argv, clock, dist.PrefixStore(f"isp-bench/cell{k}", store))
         note_cell_done()
         done, tmp = done_path(pool_dir, k, rank), pool_dir / f".done-{k}.rank{rank}.tmp"
         tmp.write_text(f"{code}\n")

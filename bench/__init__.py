@@ -5,7 +5,8 @@
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
                                             (several nodes through torch's c10d store), env_info, torchrun
-                                            (torchrun without its slow exit), references (one loss reference
+                                            (torchrun without its slow exit), zygote (each torchrun a fork of one
+                                            launcher that has imported torch), references (one loss reference
                                             per key), pool (run.reuse_workers: one job serves many cells)
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
                                             gather), timing, memory, nvml, profiling, collectives, finish,

@@ -19,12 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Union
 
 from bench.config.cell import CellConfig
 from bench.metrics.phases import LAUNCHED_ENV
+from bench.sweep.zygote import ForkedJob
 from bench.sweep.processes import (
     RUN_ENV,
     die_with_parent,
@@ -50,6 +51,7 @@ class LaunchOptions:
     python: str = sys.executable
     kill_grace_s: float = 10.0  # SIGTERM, then this long, then SIGKILL
     run_token: str = ""  # the run lock's token, put in the job's environment as RUN_ENV
+    starter: Any = field(default=None, compare=False)  # the sweep's zygote.Zygote: torchrun forked, not started
 
     def __post_init__(self) -> None:
         if any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in self.torchrun_args):
@@ -105,6 +107,7 @@ class Outcome:
 
 
 STATUSES = ("ok", "failed", "timeout", "interrupted")
+Job = Union["subprocess.Popen[bytes]", ForkedJob]  # what start_job returns: pid, wait, poll, returncode
 ATTEMPT_MARK = "==== attempt "
 
 
@@ -164,9 +167,13 @@ def _append_line(path: Path, text: str) -> None:
         f.write(("\n" if f.tell() else "") + text + "\n")  # a blank line between attempts
 
 
-def start_job(cmd: list[str], env: dict[str, str], log: IO[str]) -> subprocess.Popen[bytes]:
-    """A torchrun job writing to `log`, in a session of its own, that dies with the runner."""
-    with signals_held():  # a signal during the fork would be lost in an at-fork hook
+def start_job(cmd: list[str], env: dict[str, str], log: IO[str], starter: Any = None) -> Job:
+    """A torchrun job writing to `log`, in a session of its own, that dies with the runner: a fork
+    of the sweep's launcher that has imported torchrun (bench/sweep/zygote.py) when there is one."""
+    with signals_held():  # a signal during the fork would be lost in an at-fork hook; it waits here
+        if starter is not None and cmd[:3] == [sys.executable, "-m", TORCHRUN]:
+            if (job := starter.start(cmd[3:], env, Path(log.name))) is not None:
+                return job
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT,
                                 start_new_session=True,  # its own group: Ctrl-C is ours to handle
@@ -179,7 +186,7 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
     start_attempt(cell, paths, opts)
     start = time.monotonic()
     with open(paths.torchrun_log, "a") as log:
-        proc = start_job(command(cell, paths, opts), environment(cell, opts), log)
+        proc = start_job(command(cell, paths, opts), environment(cell, opts), log, opts.starter)
         try:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.config.cell import CellConfig
 from bench.config.matrix import Cell
-from bench.sweep.launch import (CellPaths, Interrupted, LaunchOptions, Outcome, environment, failure, judge,
+from bench.sweep.launch import (CellPaths, Interrupted, Job, LaunchOptions, Outcome, environment, failure, judge,
                                 start_attempt, start_job, torchrun_command)
 from bench.sweep.processes import kill_tree, shielded
 
@@ -48,7 +48,7 @@ def grouped(cells: list[Cell]) -> list[Cell]:
 @dataclass
 class Job:
     key: tuple[int, str]
-    proc: subprocess.Popen[bytes]
+    proc: Job
     folder: Path
     launched_at: float  # time.time() at its start: the first cell's launch_to_first_line
     tasks: int = 0
@@ -96,7 +96,7 @@ class WorkerPool:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             launched_at = time.time()
-            proc = start_job(cmd, environment(cell, opts), log)
+            proc = start_job(cmd, environment(cell, opts), log, opts.starter)
         return Job((world, device), proc, folder, launched_at)
 
     def _wait(self, job: Job, k: int, cell: CellConfig, paths: CellPaths, begun: float, offset: int) -> Outcome:

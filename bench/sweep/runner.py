@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,8 +33,9 @@ from bench.results.records import SCHEMA_VERSION, append_record
 from bench.results.torn import set_torn_tail_aside
 from bench.sweep import env_info, lock, references
 from bench.sweep.pool import WorkerPool, grouped
-from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
-from bench.sweep.processes import end_leftovers, kill_me_after
+from bench.sweep.launch import REPO_ROOT, CellPaths, Interrupted, LaunchOptions, Outcome, launch
+from bench.sweep.processes import RUN_ENV, end_leftovers, kill_me_after
+from bench.sweep.zygote import Zygote
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_UNWRITABLE, EXIT_INTERRUPTED = 0, 1, 3, 130
 PROBE_BYTES = 64 << 10  # room for a few records and logs, or the run refuses to start
@@ -194,7 +195,12 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
     # world size after another (pool.py).
     cells = references.hosts_first(grouped(sorted(cells, key=lambda c: c.config.run.kind != "collectives")))
     start, durations, failed = time.monotonic(), [], 0
-    with _sigterm_as_interrupt(grace_s), contextlib.closing(WorkerPool(run_dir, opts)) as pool:
+    # Each job's torchrun a fork of one launcher (zygote.py), which carries the run's token too.
+    starter = Zygote(run_dir.resolve(), dict(os.environ, **({RUN_ENV: opts.run_token} if opts.run_token else {})),
+                     REPO_ROOT)
+    opts = replace(opts, starter=starter)
+    pool = WorkerPool(run_dir, opts)
+    with _sigterm_as_interrupt(grace_s), contextlib.closing(starter), contextlib.closing(pool):
         try:
             for k, cell in enumerate(cells, 1):
                 print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)

@@ -28,7 +28,8 @@ def _rss_bytes(maxrss: int) -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
-RSS_REUSED = "peak RSS unavailable: this worker process ran an earlier cell (run.reuse_workers), and a process' RSS peak cannot be reset"
+RSS_REUSED = ("peak RSS unavailable: this worker process ran an earlier cell (run.reuse_workers), and a "
+              "process' RSS peak cannot be reset")
 _ran_a_cell = [False]  # per process, as the RSS peak itself
 
 

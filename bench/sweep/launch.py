@@ -26,13 +26,7 @@ from typing import IO, Any, Union
 from bench.config.cell import CellConfig
 from bench.metrics.phases import LAUNCHED_ENV
 from bench.sweep.zygote import ForkedJob
-from bench.sweep.processes import (
-    RUN_ENV,
-    die_with_parent,
-    kill_tree,
-    shielded,
-    signals_held,
-)
+from bench.sweep.processes import RUN_ENV, kill_tree, shielded, start_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKER = "bench.worker"
@@ -168,16 +162,9 @@ def _append_line(path: Path, text: str) -> None:
 
 
 def start_job(cmd: list[str], env: dict[str, str], log: IO[str], starter: Any = None) -> Job:
-    """A torchrun job writing to `log`, in a session of its own, that dies with the runner: a fork
-    of the sweep's launcher that has imported torchrun (bench/sweep/zygote.py) when there is one."""
-    with signals_held():  # a signal during the fork would be lost in an at-fork hook; it waits here
-        if starter is not None and cmd[:3] == [sys.executable, "-m", TORCHRUN]:
-            if (job := starter.start(cmd[3:], env, Path(log.name))) is not None:
-                return job
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True,  # its own group: Ctrl-C is ours to handle
-                                preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
+    """The job's torchrun: a fork of the sweep's launcher (bench/sweep/zygote.py) when there is one."""
+    forkable = starter is not None and cmd[:3] == [sys.executable, "-m", TORCHRUN]
+    return start_process(cmd, env, log, REPO_ROOT, starter if forkable else None, cmd[3:])
 
 
 def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:

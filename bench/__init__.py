@@ -9,14 +9,19 @@
                                             (several nodes through torch's c10d store: store, a deadline on
                                             every call; roll_call, the nodes' checks; peer_loss; attempt_logs),
                                             env_info, hang + hang_diagnosis (which rank holds the others,
-                                            before the kill)
+                                            before the kill), torchrun (torchrun without its slow exit), zygote
+                                            (each torchrun a fork of one launcher that has imported torch),
+                                            references (one loss reference per key), pool (run.reuse_workers:
+                                            one job serves many cells)
     3. one cell, ranks   bench/worker/      python -m bench.worker: cell (build, warm up, measure, profile,
                                             gather), timing, memory, nvml, profiling, nvtx, collectives, finish,
                                             collective_ring + hang_watch (each rank's last collectives in a
-                                            mapped file, stacks, Flight Recorder), rank_figures, ring_overhead
+                                            mapped file, stacks, Flight Recorder), rank_figures, ring_overhead,
+                                            pool (a reused job's ranks: cell after cell)
     4. numbers           bench/metrics/     measurement (the typed hand-over), assemble (every metric of a
                                             record), formulas, overlap, trace_figures, nccl_trace, roofline,
-                                            loss_check, collectives_spec, per_rank (each rank, the straggler)
+                                            loss_check, collectives_spec, per_rank (each rank, the straggler),
+                                            phases (where a cell's time goes)
     5. read and judge    bench/results/     records (writer and reader), torn, report, plots, compare, render,
                                             verdict, history (+ history_rows, acks), changepoint, series_state
                                             (open regressions), nightly_series (machine / straggler / code),

@@ -16,6 +16,7 @@ never the default WORLD group, which the benchmark keeps for its own barriers.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,6 +58,19 @@ def group_layout(world_size: int, sp: int, wp: int) -> dict[str, list[list[int]]
     }
 
 
+class UnbuiltGroup:
+    """Stands in for a process group its user said it never sends on, so none was set up (a gloo
+    connection mesh or an NCCL communicator each costs start-up time, NCCL's also memory). Any
+    use fails with this message; None would silently mean the default group to torch."""
+
+    def __init__(self, name: str) -> None:
+        self.group_name = name
+
+    def __getattr__(self, attr: str) -> None:
+        raise RuntimeError(f"the {self.group_name} process group was not built: its strategy declared "
+                           f"it unused (ParallelTopology build=...), yet something sends on it")
+
+
 @dataclass
 class CommGroup:
     """One process group as seen from this rank, with the name used in traces and counts."""
@@ -64,7 +78,8 @@ class CommGroup:
     name: str
     ranks: tuple[int, ...]
     rank: int  # this rank's index inside the group
-    pg: Optional[dist.ProcessGroup]  # None when the group has one rank: nothing to send
+    # None when the group has one rank: nothing to send; UnbuiltGroup when declared unused
+    pg: "Optional[dist.ProcessGroup | UnbuiltGroup]"
     stats: CommStats = field(repr=False)
 
     @property
@@ -76,11 +91,13 @@ class ParallelTopology:
     """Sizes `world_size`, `sp`, `wp`, derived `dp` and `wdp`, and this rank's groups.
 
     Must be constructed on every rank in the same order (torch.distributed.new_group is
-    collective). With world_size 1 no process group is needed and none is created.
+    collective). With world_size 1 no process group is needed and none is created. `build`
+    names the kinds that get process groups (default: all); the others keep their ranks (a
+    replica index still says which data a rank reads) and an UnbuiltGroup.
     """
 
     def __init__(self, world_size: int, sp: int, wp: int, rank: int = 0,
-                 stats: Optional[CommStats] = None) -> None:
+                 stats: Optional[CommStats] = None, build: Optional[Collection[str]] = None) -> None:
         layout = group_layout(world_size, sp, wp)
         self.world_size, self.sp, self.wp, self.rank = world_size, sp, wp, rank
         self.dp = world_size // sp
@@ -90,8 +107,10 @@ class ParallelTopology:
         for name in GROUP_NAMES:
             mine = None
             for ranks in layout[name]:
-                pg = None
-                if len(ranks) > 1:
+                pg: "Optional[dist.ProcessGroup | UnbuiltGroup]" = None
+                if len(ranks) > 1 and build is not None and name not in build:
+                    pg = UnbuiltGroup(name)
+                elif len(ranks) > 1:
                     # Every rank takes part in creating every group, as new_group requires.
                     # Each logical group gets its own communicator even when its ranks are
                     # the whole world (or equal another group's): reusing WORLD would put
@@ -105,11 +124,12 @@ class ParallelTopology:
             self.groups[name] = mine
 
     @classmethod
-    def from_env(cls, sp: int, wp: int, stats: Optional[CommStats] = None) -> "ParallelTopology":
+    def from_env(cls, sp: int, wp: int, stats: Optional[CommStats] = None,
+                 build: Optional[Collection[str]] = None) -> "ParallelTopology":
         """Build from the initialised default process group (or a single process)."""
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_world_size(), sp, wp, dist.get_rank(), stats)
-        return cls(1, sp, wp, 0, stats)
+            return cls(dist.get_world_size(), sp, wp, dist.get_rank(), stats, build)
+        return cls(1, sp, wp, 0, stats, build)
 
     @property
     def sequence(self) -> CommGroup:

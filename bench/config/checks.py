@@ -230,6 +230,9 @@ def host_problems(cell: CellConfig, host: HostLimits) -> list[Problem]:
     if p.zero1 != 1:  # InternEvo's optimizer-state sharding: planned (bench/plan), not run here
         out.append(Problem("parallel.zero1", f"{p.zero1}: the trainers keep AdamW whole on every rank, so a "
                                              "run needs 1; `run_bench.py plan` models any zero1 (docs/plan.md)"))
+    if r.reuse_workers and host.nnodes > 1:
+        out.append(Problem("run.reuse_workers", f"true on nnodes={host.nnodes}: a reused worker job runs on one "
+                                                "node; allowed here: false"))
     if cell.nvml.enabled is True and (why := host.nvml_problem()):
         out.append(Problem("nvml.enabled", f"true but NVML cannot start here ({why}); "
                                            "allowed here: 'auto' or false"))

@@ -114,6 +114,8 @@ class RunConfig(Section):
                                               "whenever the reference fits the device, else the record says why")
     straggler_pct: float = _f(5.0, "float", "a rank whose compute time is more than this % above the median "
                                             "rank's is a straggler (metrics.straggler)", gt=0.0)
+    reuse_workers: bool = _f(False, "bool", "run cells of the same world size one after another in one torchrun "
+                                            "job (one node): no start-up per cell; CPU peak RSS then unavailable")
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,12 @@ def bandwidth(config: CellConfig, counted: dict, times: dict[str, float]) -> dic
     return out
 
 
+def peak_memory_bytes(memory: list[dict[str, Any]], key: str) -> Optional[int]:
+    """The max over ranks; None when any rank's peak is unavailable."""
+    values = [mem.get(key, 0) for mem in memory]
+    return None if any(v is None for v in values) else max(values)
+
+
 def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -> dict[str, Any]:
     timing = summarize(m.samples)
     world = config.parallel.world_size
@@ -102,12 +108,15 @@ def assemble_metrics(config: CellConfig, m: Measurement, device: torch.device) -
         "tokens_per_s": config.tokens_per_step / timing["median"],
         "attention": m.attention,
         "loss": losses,
-        "peak_memory_bytes": max(mem.get(peak_key, 0) for mem in memory),
+        "peak_memory_bytes": peak_memory_bytes(memory, peak_key),
         "memory_per_rank": memory,
         "memory_pool_bytes": m.pool_bytes,
         "comm": comm,
         **flops_metrics(config, m.first_measured_step, timing["median"], device),
     }
+    if metrics["peak_memory_bytes"] is None:  # a reused worker on CPU (bench/worker/memory.py)
+        metrics["peak_memory_unavailable"] = next(mem["peak_rss_unavailable"] for mem in memory
+                                                  if mem.get("peak_rss_unavailable"))
     if m.loss_reference is not None:
         metrics.update(compare_losses(losses, m.loss_reference, config.run.dtype))
     else:

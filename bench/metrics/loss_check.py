@@ -13,19 +13,32 @@ weights, but the loss is a mean over many tokens, which averages the rounding ou
 CPU cell (sp = wp = 2, 3 measured steps) was seen 2e-5 from its bfloat16 reference. Provisional
 on GPUs (different kernels, bigger models): not yet measured there. Rank 0 runs the reference after all measuring, so it never
 touches the timings. `run.check_loss: auto` runs it whenever it is estimated to fit the
-device's free memory (`fits`); otherwise, or when it runs out of memory, the record says why.
+device's free memory (`fits`); otherwise, or when it runs out of memory or fails, the record says why.
+
+One reference per sweep and key. The reference depends only on `reference_key`: the model
+(checkpointing recomputes the same values, so not its fraction), the data, dtype, device,
+attention kernel, steps, seed and learning rate; layout, strategy, overlap and pool never
+change it. The runner (bench/sweep/references.py) lets one cell per key compute it, keeps it in
+RUN_DIR/references/<name>.json and hands it, or why there is none, to every other cell of the key
+through the cell input REFERENCE_FILE.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
+import hashlib
+import json
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any, Optional
 
 from bench.config.cell import CellConfig
 
+if TYPE_CHECKING:  # torch only where a reference runs: the runner imports this module too
+    import torch
+
 REL_TOL = {"float32": 1e-4, "bfloat16": 5e-3}
 HEADROOM = 1.25  # the estimate below is rough: keep a quarter of it spare
+REFERENCE_FILE = "loss_reference.json"  # the cell input: compute the shared reference, or here it is
+REFERENCES_DIR = "references"  # RUN_DIR/references/<name>.json, one per key
 
 
 def skip_reason(config: CellConfig) -> Optional[str]:
@@ -41,20 +54,25 @@ def skip_reason(config: CellConfig) -> Optional[str]:
 def reference_bytes(config: CellConfig) -> int:
     """Rough device memory of the one-process reference: 16 bytes per parameter (weights,
     gradients, AdamW's two moments; bfloat16 adds float32 masters but halves the others),
-    plus activations of one micro-batch of the whole global batch: 34 x hidden values per
-    token per layer (Korthikanti et al. 2022, without the attention scores flash avoids) and
-    two [tokens, vocab] tensors for the logits and their gradient."""
+    plus activations of one micro-batch of the whole global batch: 34 x hidden *bytes* per
+    token per layer in 16-bit activations (Korthikanti et al. 2022, eq. 1 without the attention
+    scores flash avoids; the figure is bytes already, so float32 doubles it and bfloat16 does
+    not) and two [tokens, vocab] tensors, in elements of the dtype, for the logits and their
+    gradient."""
     from bench.metrics.formulas import nonembedding_params
 
     m, d = config.model, config.data
     size = 2 if config.run.dtype == "bfloat16" else 4
     params = nonembedding_params(m.hidden, m.layers, m.heads, m.kv_heads, m.vocab, m.mlp_hidden) + 2 * m.vocab * m.hidden
     tokens = d.global_batch // d.micro_num * d.seq_len
-    return int(16 * params + tokens * (34 * m.hidden * m.layers + 2 * m.vocab) * size)
+    activations = 34 * m.hidden * m.layers * size // 2  # bytes per token
+    return int(16 * params + tokens * (activations + 2 * m.vocab * size))
 
 
 def fits(config: CellConfig, device: torch.device) -> Optional[str]:
     """None when the reference should fit `device`, else why not."""
+    import torch
+
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
@@ -67,6 +85,8 @@ def fits(config: CellConfig, device: torch.device) -> Optional[str]:
 
 def run_reference(config: CellConfig, device: torch.device) -> tuple[Optional[list[float]], Optional[str]]:
     """(reference losses of the measured steps, None) or (None, why there are none)."""
+    import torch
+
     why = skip_reason(config) or fits(config, device)
     if why:
         return None, why
@@ -74,7 +94,36 @@ def run_reference(config: CellConfig, device: torch.device) -> tuple[Optional[li
         return reference_losses(config, device), None
     except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
-        return None, f"the one-process reference ran out of device memory: {str(err).splitlines()[0]}"
+        return None, f"the one-process reference ran out of device memory: {_first_line(err)}"
+    except Exception as err:  # noqa: BLE001 - the cell's own figures stand; the record says why
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, f"the one-process reference failed: {type(err).__name__}: {_first_line(err)}"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]
+
+
+def reference_key(config: CellConfig) -> Optional[dict[str, Any]]:
+    """What the reference's losses depend on, or None when this cell checks no losses."""
+    if config.run.kind != "training" or skip_reason(config):
+        return None
+    model = {k: v for k, v in asdict(config.model).items() if k != "checkpoint"}
+    r = config.run
+    return {"model": model, "data": asdict(config.data), "dtype": r.dtype, "device": r.device,
+            "attention": r.attention, "warmup_steps": r.warmup_steps, "measure_steps": r.measure_steps,
+            "lr": r.lr}
+
+
+def key_name(key: dict[str, Any]) -> str:
+    """A short stable name of a key: the file RUN_DIR/references/<name>.json."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reference_config(config: CellConfig) -> CellConfig:
+    """The config the shared reference trains: the cell's, without recompute (same values, less work)."""
+    return replace(config, model=replace(config.model, checkpoint=0.0))
 
 
 def reference_losses(config: CellConfig, device: torch.device) -> list[float]:

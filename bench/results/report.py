@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from tabulate import tabulate
 
+from bench.metrics import phases
 from bench.results.records import flatten, latest, lookup, number, read_records  # noqa: F401 - read_records re-exported
 from bench.results.straggler_line import slowest_rank_line
 
@@ -205,6 +206,7 @@ def write_summary(run_dir: Path | str) -> str:
     records = latest(read_records(run_dir))
     lines = _header(run_dir, records) + [table(run_dir, "github"), "",
                                           f"`{BEST.strip()}` marks the best value of a column among the ok cells.", ""]
+    lines += _time_spent(records)
     lines += _plots(run_dir)
     lines += _slowest_ranks(records)
     failed = [r for r in records if r.get("status") != "ok"]
@@ -215,7 +217,14 @@ def write_summary(run_dir: Path | str) -> str:
         lines.append("")
     (run_dir / "summary.md").write_text("\n".join(lines))
     write_csv(run_dir)
-    return table(run_dir)
+    return f"{table(run_dir)}\n{phases.timed_share(records)}"
+
+
+def _time_spent(records: list[Record]) -> list[str]:
+    """Where each cell's time went (metrics.phases_s, bench/metrics/phases.py) and the sweep's timed share."""
+    lines = ["## Where the time went", ""]
+    lines += [f"- `{r['cell']}`: {phases.breakdown(r)}" for r in records]
+    return lines + ["", phases.timed_share(records), ""]
 
 
 def _slowest_ranks(records: list[Record]) -> list[str]:

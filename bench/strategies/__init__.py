@@ -25,6 +25,8 @@ class Strategy:
     splits_sequence: bool  # may parallel.sp exceed 1?
     weight_group: bool  # may parallel.wp exceed 1?
     vocab_parallel_head: bool  # is the head's vocabulary split over sp (vocab must divide by sp)?
+    # The ParallelTopology groups it sends on: only these get process groups (isp_core/topology.py).
+    groups: tuple[str, ...] = ()
     min_warmup_steps: int = 0
     warmup_reason: str = ""
 
@@ -35,13 +37,16 @@ class Strategy:
 
 
 REGISTRY: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("isp", "InternEvo's ISP: weights over wp, sequence over sp (isp_core)", True, True, True),
+    Strategy("isp", "InternEvo's ISP: weights over wp, sequence over sp (isp_core)", True, True, True,
+             groups=("sequence", "weight", "weight_data", "world")),
+    # fully_shard communicates on the device mesh it builds itself
     Strategy("fsdp2", "torch fully_shard per block and the root, over the world", False, False, False),
     Strategy("ddp", "torch DistributedDataParallel, whole weights, bucketed all-reduce", False, False, False,
-             min_warmup_steps=1,
+             groups=("world",), min_warmup_steps=1,
              warmup_reason="DDP rebuilds its gradient buckets after its first step, so that step "
                            "communicates differently"),
-    Strategy("ulysses", "DeepSpeed-Ulysses attention over sp + FSDP2 over the world", True, False, False),
+    Strategy("ulysses", "DeepSpeed-Ulysses attention over sp + FSDP2 over the world", True, False, False,
+             groups=("sequence",)),
 )}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 

@@ -19,22 +19,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Union
 
 from bench.config.cell import CellConfig
+from bench.metrics.phases import LAUNCHED_ENV
 from bench.sweep import hang
-from bench.sweep.processes import (
-    RUN_ENV,
-    die_with_parent,
-    kill_tree,
-    shielded,
-    signals_held,
-)
+from bench.sweep.zygote import ForkedJob
+from bench.sweep.processes import RUN_ENV, kill_tree, shielded, start_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKER = "bench.worker"
+TORCHRUN = "bench.sweep.torchrun"  # torchrun itself, without its interpreter's slow shutdown
 TAIL_LINES = 40
 # Any of these means the user chose how ranks meet; without them a single node is assumed.
 _RDZV = ("--standalone", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend",
@@ -49,6 +46,7 @@ class LaunchOptions:
     python: str = sys.executable
     kill_grace_s: float = 10.0  # SIGTERM, then this long, then SIGKILL
     run_token: str = ""  # the run lock's token, put in the job's environment as RUN_ENV
+    starter: Any = field(default=None, compare=False)  # the sweep's zygote.Zygote: torchrun forked, not started
 
     def __post_init__(self) -> None:
         if any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in self.torchrun_args):
@@ -92,6 +90,7 @@ class Outcome:
     error: dict[str, Any] | None
     wall_s: float
     warnings: tuple[str, ...] = ()
+    job_s: float | None = None  # this node's job alone, start to exit (wall_s may add coordination)
 
     def __post_init__(self) -> None:
         assert self.status in STATUSES, self.status
@@ -103,6 +102,7 @@ class Outcome:
 
 
 STATUSES = ("ok", "failed", "timeout", "interrupted")
+Job = Union["subprocess.Popen[bytes]", ForkedJob]  # what start_job returns: pid, wait, poll, returncode
 ATTEMPT_MARK = "==== attempt "
 
 
@@ -114,18 +114,23 @@ class Interrupted(KeyboardInterrupt):
         self.signame = signame
 
 
-def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str]:
+def torchrun_command(world_size: int, opts: LaunchOptions, worker_module: str) -> list[str]:
+    """torchrun with this node's share of `world_size` ranks, up to the worker module."""
     passthrough = list(opts.torchrun_args)
     if not any(a.split("=")[0] in _RDZV for a in passthrough):
         passthrough.insert(0, "--standalone")
-    return [opts.python, "-m", "torch.distributed.run",
-            f"--nproc-per-node={cell.parallel.world_size // opts.nnodes}", *passthrough,
-            "-m", opts.worker_module, "--cell-config", str(paths.config), "--out", str(paths.result),
-            "--log-dir", str(paths.log_dir)]
+    return [opts.python, "-m", TORCHRUN, f"--nproc-per-node={world_size // opts.nnodes}", *passthrough,
+            "-m", worker_module]
+
+
+def command(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> list[str]:
+    return [*torchrun_command(cell.parallel.world_size, opts, opts.worker_module), "--cell-config",
+            str(paths.config), "--out", str(paths.result), "--log-dir", str(paths.log_dir)]
 
 
 def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[LAUNCHED_ENV] = repr(time.time())  # the worker's launch_to_first_line (bench/metrics/phases.py)
     if opts.run_token:
         env[RUN_ENV] = opts.run_token
     if cell.run.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -139,22 +144,28 @@ def environment(cell: CellConfig, opts: LaunchOptions) -> dict[str, str]:
     return env
 
 
-def start_attempt(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> str:
+def start_attempt(cell: CellConfig, paths: CellPaths, opts: LaunchOptions, how: str | None = None) -> str:
     """Mark a new attempt in torchrun.log and this node's rank logs; return the marked line.
-    Earlier attempts' lines stay above it."""
+    Earlier attempts' lines stay above it. `how`: what runs the cell, when not its own command."""
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     attempt = 1 + sum(line.startswith(ATTEMPT_MARK) for line in _read(paths.torchrun_log).splitlines())
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     mark = f"{ATTEMPT_MARK}{attempt} of {paths.log_dir.name}, {stamp} ===="
     for r in range(cell.parallel.world_size // opts.nnodes):
         _append_line(paths.log_dir / f"rank{r}.log", mark)
-    _append_line(paths.torchrun_log, f"{mark}\n$ {' '.join(command(cell, paths, opts))}")
+    _append_line(paths.torchrun_log, f"{mark}\n{how or '$ ' + ' '.join(command(cell, paths, opts))}")
     return mark
 
 
 def _append_line(path: Path, text: str) -> None:
     with open(path, "a") as f:
         f.write(("\n" if f.tell() else "") + text + "\n")  # a blank line between attempts
+
+
+def start_job(cmd: list[str], env: dict[str, str], log: IO[str], starter: Any = None) -> Job:
+    """The job's torchrun: a fork of the sweep's launcher (bench/sweep/zygote.py) when there is one."""
+    forkable = starter is not None and cmd[:3] == [sys.executable, "-m", TORCHRUN]
+    return start_process(cmd, env, log, REPO_ROOT, starter if forkable else None, cmd[3:])
 
 
 def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
@@ -164,11 +175,7 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
     start_attempt(cell, paths, opts)
     start = time.monotonic()
     with open(paths.torchrun_log, "a") as log:
-        with signals_held():  # a signal during the fork would be lost in an at-fork hook
-            proc = subprocess.Popen(command(cell, paths, opts), cwd=REPO_ROOT, env=environment(cell, opts),
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True,  # its own group: Ctrl-C is ours to handle
-                                    preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
+        proc = start_job(command(cell, paths, opts), environment(cell, opts), log, opts.starter)
         try:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:
@@ -184,7 +191,8 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
             signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
             return Outcome("interrupted", None, failure(paths, None, f"interrupted by {signame}"),
                            time.monotonic() - start)
-    return judge(paths, proc.returncode, time.monotonic() - start, opts.nnodes)
+    wall = time.monotonic() - start
+    return replace(judge(paths, proc.returncode, wall, opts.nnodes), job_s=wall)
 
 
 def judge(paths: CellPaths, returncode: int, wall: float, nnodes: int = 1) -> Outcome:

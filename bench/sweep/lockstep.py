@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import CellConfig
+from bench.metrics.loss_check import REFERENCE_FILE
 from bench.metrics.roofline import LINKS_FILE
 from bench.sweep import attempt_logs, peer_loss
 from bench.sweep.launch import (
@@ -32,6 +33,7 @@ from bench.sweep.team import NodeLost, Team
 
 LaunchFn = Callable[[CellConfig, CellPaths, LaunchOptions], Outcome]
 INTERRUPTED_WAIT_S = 30.0  # after a stop, how long node 0 waits for the others' files
+CELL_INPUTS = (LINKS_FILE, REFERENCE_FILE)  # beside the cell's config; node 0's go to every node
 
 
 def torchrun_args(team: Team, n: int, opts: LaunchOptions) -> LaunchOptions:
@@ -121,20 +123,23 @@ def _stopped(team: Team) -> Callable[[], str | None]:
 def _go(team: Team, n: int, start: float, paths: CellPaths) -> Outcome | None:
     """None: launch. Otherwise the cell's outcome without a launch (a node missing or lost).
 
-    The go carries node 0's link curves (links.json, for metrics.roofline): global rank 0,
-    which computes the record, may run on any node and must see the same inputs.
+    The go carries node 0's cell inputs (links.json for metrics.roofline, the shared loss
+    reference of bench/sweep/references.py): global rank 0, which computes the record, may run
+    on any node and must see the same inputs.
     """
     arrived = [f"c{n}/arrived/{r}" for r in range(team.spec.nnodes)]
-    links = paths.config.parent / LINKS_FILE
+    inputs = [paths.config.parent / name for name in CELL_INPUTS]
     if not team.spec.is_head:
         if team.wait_for(lambda: team.has(f"c{n}/go") or team.has(f"c{n}/final"), give_up=_stopped(team)):
             return _interrupted_before(team, start)
         if not team.has(f"c{n}/go"):
             return _from_json(team.take(f"c{n}/final"))
-        if (text := team.take(f"c{n}/go")["links"]) is not None:
-            links.write_text(text)
-        else:
-            links.unlink(missing_ok=True)
+        shipped = team.take(f"c{n}/go")["inputs"]
+        for path in inputs:
+            if (text := shipped.get(path.name)) is not None:
+                path.write_text(text)
+            else:
+                path.unlink(missing_ok=True)
         return None
     timeout = team.spec.rdzv_timeout_s
     lost = team.lost_from(team.others)
@@ -144,7 +149,7 @@ def _go(team: Team, n: int, start: float, paths: CellPaths) -> Outcome | None:
         team.put(f"c{n}/final", _as_json(outcome))
         return outcome
     if why is None:
-        team.put(f"c{n}/go", {"links": links.read_text() if links.is_file() else None})
+        team.put(f"c{n}/go", {"inputs": {p.name: p.read_text() if p.is_file() else None for p in inputs}})
         return None
     if why == "timeout":
         missing = [str(r) for r, key in enumerate(arrived) if not team.has(key)]
@@ -257,7 +262,9 @@ def merge(per_node: dict[int, Outcome | str], paths: CellPaths, wall_s: float) -
     if not problems:
         metrics, problem = read_result(paths.result)
         if problem is None:
-            return Outcome("ok", metrics, None, wall_s)  # a stop that came after it is seen before the next cell
+            # job_s: node 0's own job, which the record's phases add up to (the rest is coordination)
+            job_s = per_node[0].job_s if isinstance(per_node.get(0), Outcome) else None
+            return Outcome("ok", metrics, None, wall_s, job_s=job_s)  # a later stop is seen before the next cell
         return Outcome("interrupted" if interrupted else "failed", None,
                        _error(f"every node exited 0 but {problem}"), wall_s)
     first = next((o for _, o in problems if isinstance(o, Outcome) and o.error), None)

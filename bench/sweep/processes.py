@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 RUN_ENV = "ISP_BENCH_RUN"
 _PR_SET_PDEATHSIG = 1
@@ -67,6 +67,18 @@ def shielded() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def start_process(cmd: list[str], env: dict[str, str], log: IO[str], cwd: Path, starter: Any = None,
+                  fork_argv: list[str] | None = None) -> Any:
+    """A job writing to `log`, in a session of its own, that dies with the runner: `starter`'s
+    fork running `fork_argv` when it makes one (bench/sweep/zygote.py), else `cmd` started."""
+    with signals_held():  # a signal during the fork would be lost in an at-fork hook; it waits here
+        if starter is not None and (job := starter.start(fork_argv, env, Path(log.name))) is not None:
+            return job
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True,  # its own group: Ctrl-C is ours to handle
+                                preexec_fn=die_with_parent())  # noqa: PLW1509 - no threads run yet
 
 
 def kill_tree(proc: subprocess.Popen[Any], grace_s: float) -> None:

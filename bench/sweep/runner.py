@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,14 +27,16 @@ from typing import Any, TextIO
 import yaml
 
 from bench.config.matrix import BenchConfig, Cell
-from bench.metrics import roofline
+from bench.metrics import phases, roofline
 from bench.metrics.collectives_spec import table_of
 from bench.plan import record as plan_record
 from bench.results.records import SCHEMA_VERSION, append_record
 from bench.results.torn import set_torn_tail_aside
-from bench.sweep import env_info, lock
-from bench.sweep.launch import CellPaths, Interrupted, LaunchOptions, Outcome, launch
-from bench.sweep.processes import end_leftovers, kill_me_after
+from bench.sweep import env_info, lock, references
+from bench.sweep.pool import WorkerPool, grouped
+from bench.sweep.launch import REPO_ROOT, CellPaths, Interrupted, LaunchOptions, Outcome, launch
+from bench.sweep.processes import RUN_ENV, end_leftovers, kill_me_after
+from bench.sweep.zygote import Zygote
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_UNWRITABLE, EXIT_INTERRUPTED = 0, 1, 3, 130
 PROBE_BYTES = 64 << 10  # room for a few records and logs, or the run refuses to start
@@ -188,11 +190,14 @@ def _sigterm_as_interrupt(grace_s: float) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve]) -> None:
-    """The worker's inputs: the cell's config and, for a training cell, the link curves its
-    metrics.roofline is computed from (this run's collectives cells, then --link-profile's)."""
+def write_cell_inputs(paths: CellPaths, cell: Cell, curves: list[roofline.Curve],
+                      shared: dict[str, Any] | None = None) -> None:
+    """The worker's inputs: the cell's config, the loss reference it computes or reuses
+    (bench/sweep/references.py) and, for a training cell, the link curves its metrics.roofline
+    is computed from (this run's collectives cells, then --link-profile's)."""
     paths.config.parent.mkdir(parents=True, exist_ok=True)
     paths.config.write_text(json.dumps(cell.config.to_dict(), indent=1) + "\n")
+    references.write_input(paths.config.parent, shared)
     links = paths.config.parent / roofline.LINKS_FILE
     if cell.config.run.kind == "training" and curves:
         links.write_text(json.dumps(roofline.curves_to_json(curves)) + "\n")
@@ -209,13 +214,21 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
     linked = roofline.load_curves(link_profile) if link_profile is not None else []
     plan = plan_record.choose(run_dir, plan_hardware)
     # Collectives cells first, so the training cells after them get a roofline from this run.
-    cells = sorted(cells, key=lambda c: c.config.run.kind != "collectives")
+    # Then each reference's host cell ahead of its key (references.py), with reused workers one
+    # world size after another (pool.py).
+    cells = references.hosts_first(grouped(sorted(cells, key=lambda c: c.config.run.kind != "collectives")))
     start, durations, failed = time.monotonic(), [], 0
-    with _sigterm_as_interrupt(grace_s):
+    # Each job's torchrun a fork of one launcher (zygote.py), which carries the run's token too.
+    starter = Zygote(run_dir.resolve(), dict(os.environ, **({RUN_ENV: opts.run_token} if opts.run_token else {})),
+                     REPO_ROOT)
+    opts = replace(opts, starter=starter)
+    pool = WorkerPool(run_dir, opts)
+    with _sigterm_as_interrupt(grace_s), contextlib.closing(starter), contextlib.closing(pool):
         try:
             for k, cell in enumerate(cells, 1):
                 print(f"[{k}/{len(cells)}] {cell.id} ...", end=" ", file=out, flush=True)
-                outcome = _run_one(run_dir, cell, opts, linked, launcher, plan)
+                reuse = cell.config.run.reuse_workers and launcher is launch  # one node only
+                outcome = _run_one(run_dir, cell, opts, linked, pool.launch if reuse else launcher, plan)
                 durations.append(outcome.wall_s)
                 failed += outcome.status != "ok"
                 print(progress(outcome, time.monotonic() - start, durations, len(cells) - k), file=out, flush=True)
@@ -235,12 +248,17 @@ def run_cells(run_dir: Path, cells: list[Cell], opts: LaunchOptions, out: TextIO
 
 def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofline.Curve],
              launcher: Callable[..., Outcome], plan: plan_record.Choice) -> Outcome:
+    begun = time.monotonic()
     paths = CellPaths.under(run_dir, cell.id)
-    write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked)
+    shared = references.instruction(run_dir, cell)
+    write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked, shared)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     outcome = launcher(cell.config, paths, opts)
+    references.keep(run_dir, shared, outcome.metrics)
+    phases.complete(outcome.metrics, outcome.job_s if outcome.job_s is not None else outcome.wall_s)
     record = make_record(run_dir, cell, started, outcome)
     if isinstance(record["metrics"], dict):  # after the outcome, outside the worker's timed path
         record["metrics"]["plan"] = plan_record.entry(cell.config, record["metrics"], plan)
+    record["runner_overhead_s"] = round(max(0.0, time.monotonic() - begun - outcome.wall_s), 4)
     append_record(run_dir / RESULTS, record)
     return outcome

@@ -16,14 +16,16 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from bench.config.cell import CellConfig
+from bench.metrics.loss_check import REFERENCE_FILE
+from bench.metrics.phases import PhaseClock
 from bench.metrics.roofline import LINKS_FILE, curves_from_json
 from bench.worker.cell import run_cell, setup
-from bench.worker.finish import teardown, write_agreed_result
+from bench.worker.finish import leave, teardown, write_agreed_result
 from bench.worker.hang_watch import install as install_hang_watch
 
 
@@ -40,7 +42,10 @@ def redirect_output(log_dir: Path, rank: int) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, clock: Optional[PhaseClock] = None, store: Optional[Any] = None) -> int:
+    """One cell on this rank. bench/worker/pool.py calls it once per cell of a reused job, with
+    that cell's clock and a torch.distributed Store of the cell's own."""
+    clock = clock or PhaseClock.from_env()  # the worker's first line: its imports are done
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cell-config", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -51,16 +56,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     install_hang_watch(args.log_dir, rank)  # before any collective: ring, stack signal, Flight Recorder
     try:
         config = CellConfig.from_dict(json.loads(args.cell_config.read_text()))
-        device = setup(config)
+        device = setup(config, store)
+        clock.lap("process_group")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         cell_id = args.cell_config.parent.name
         if config.run.kind == "collectives":  # nccl-tests-style sweep: docs/collectives.md
             from bench.worker.collectives import run_collectives
 
-            return run_collectives(config, cell_id, args.out, device)
+            return run_collectives(config, cell_id, args.out, device, clock)
         links = args.cell_config.parent / LINKS_FILE
         curves = curves_from_json(json.loads(links.read_text())) if links.is_file() else []
-        metrics = run_cell(config, cell_id, args.out.parents[2], device, curves)
+        shared = args.cell_config.parent / REFERENCE_FILE
+        metrics = run_cell(config, cell_id, args.out.parents[2], device, curves, clock,
+                           json.loads(shared.read_text()) if shared.is_file() else None)
         write_agreed_result(args.out, {"metrics": metrics})
         return 0
     except BaseException:
@@ -72,4 +80,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # a failure raises out of main() instead: the usual traceback and exit code 1

@@ -10,8 +10,9 @@ timings), reduce across ranks. `bench/worker/__main__.py` runs it under torchrun
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ from bench.config.cell import CellConfig
 from bench.metrics import loss_check
 from bench.metrics.assemble import assemble_metrics
 from bench.metrics.measurement import Measurement, RankMeasurement
+from bench.metrics.phases import PhaseClock
 from bench.metrics.trace_figures import trace_file_figures
 from bench.strategies.common import TORCH_DTYPES, data_spec, model_config, to_device
 from bench.worker.memory import peak_memory, reset_peak
@@ -54,9 +56,12 @@ class Cell:
     trainer: Any  # the strategy's trainer: train_step(micro_batches) -> float
     spec: DataSpec
     attention: dict[str, Any]  # which attention kernel runs and why (AttentionBackend.as_record)
+    clock: PhaseClock = field(default_factory=PhaseClock)  # seconds per phase (metrics.phases_s)
 
 
-def setup(config: CellConfig) -> torch.device:
+def setup(config: CellConfig, store: Optional[Any] = None) -> torch.device:
+    """The device and the default process group: from torchrun's environment, or on `store`
+    (a reused worker's fresh one per cell)."""
     run = config.run
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if run.device == "cuda":
@@ -69,22 +74,28 @@ def setup(config: CellConfig) -> torch.device:
                            f"needs parallel.world_size={config.parallel.world_size}")
     # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing
     # the device from the first collective's tensors).
-    dist.init_process_group(run.backend, device_id=device if device.type == "cuda" else None)
+    where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                      "world_size": config.parallel.world_size}
+    dist.init_process_group(run.backend, device_id=device if device.type == "cuda" else None, **where)
     return device
 
 
-def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device) -> Cell:
-    p = config.parallel
+def build(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device,
+          clock: Optional[PhaseClock] = None) -> Cell:
+    p, clock = config.parallel, clock or PhaseClock()
     # Raises (the cell fails) when run.attention is flash and flash-attn cannot run here.
     attention = attention_backend(config.run.attention, device, TORCH_DTYPES[config.run.dtype])
     print(f"attention: {attention.name} ({attention.reason})", flush=True)
-    topo = ParallelTopology.from_env(p.sp, p.wp, CommStats(hang_watch.ring()))
+    clock.lap("build")
+    topo = ParallelTopology.from_env(p.sp, p.wp, CommStats(hang_watch.ring()), build=strategies.get(p.strategy).groups)
+    clock.lap("process_group")  # new_group is collective: part of the process-group set-up
     trainer = strategies.build_trainer(p.strategy, model_config(config), topo, settings_from(p),
                                        seed=config.data.seed, dtype=TORCH_DTYPES[config.run.dtype], device=device,
                                        lr=config.run.lr)
     print(f"strategy {p.strategy}; {topo}", flush=True)
+    clock.lap("build")
     return Cell(config, cell_id, run_dir, topo.rank, device, topo, trainer, data_spec(config),
-                attention.as_record())
+                attention.as_record(), clock)
 
 
 def batches_for(cell: Cell, step: int) -> list[MicroBatch]:
@@ -120,6 +131,7 @@ def measure(cell: Cell) -> LocalMeasurement:
     run, stats = cell.config.run, cell.topo.stats
     step = 0
     run_steps(cell, step, run.warmup_steps)
+    cell.clock.lap("warmup")
     step += run.warmup_steps
     reset_peak(cell.device)
     stats.reset()
@@ -131,6 +143,7 @@ def measure(cell: Cell) -> LocalMeasurement:
         losses = run_steps(cell, step, run.measure_steps, timer)
     if sampler is not None:
         sampler.stop()
+    cell.clock.lap("measure")
     step += run.measure_steps
     comm = stats.snapshot()
     stats.enabled = False  # later phases must not change the per-step counts
@@ -141,7 +154,9 @@ def measure(cell: Cell) -> LocalMeasurement:
     out.nvml_off_samples, out.nvml_on_samples = nvml_overhead(cell, sampler, run.warmup_steps)
     if sampler is not None:
         sampler.close()
+    cell.clock.lap("nvml_overhead")
     out.rank.profile = profile(cell, step)
+    cell.clock.lap("profile")
     return out
 
 
@@ -215,9 +230,11 @@ def gather_per_rank(value: Any) -> list[Any]:
 
 
 def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.device,
-             link_curves: Optional[list[Any]] = None) -> Optional[dict]:
-    """Measure on every rank; rank 0 returns the cell's metrics, the others None."""
-    cell = build(config, cell_id, run_dir, device)
+             link_curves: Optional[list[Any]] = None, clock: Optional[PhaseClock] = None,
+             shared: Optional[dict[str, Any]] = None) -> Optional[dict]:
+    """Measure on every rank; rank 0 returns the cell's metrics, the others None. `shared` is the
+    runner's word on the loss reference (bench/sweep/references.py); None: compute one here."""
+    cell = build(config, cell_id, run_dir, device, clock)
     with NvtxRanges(config.profile.nvtx, device, getattr(cell.trainer, "optimizer", None)) as nvtx:
         local = measure(cell)
     samples = reduce_max_across_ranks(local.samples)
@@ -228,12 +245,31 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     if cell.rank != 0:
         return None
     pool = getattr(cell.trainer, "memory_pool", None)
+    pool_bytes = pool.bytes_held()["total"] if pool is not None else 0
+    cell.clock.skip()  # the reductions above are the runner's reduce_and_teardown
     # After every rank is done measuring: the single-process reference never touches the timings.
-    reference, skipped = loss_check.run_reference(config, device)
-    measurement = Measurement(samples, local.first_measured_step, ranks, off, on,
-                              pool.bytes_held()["total"] if pool is not None else 0, reference, link_curves or [],
-                              cell.attention, skipped)
+    reference, skipped = loss_reference(cell, shared)
+    cell.clock.lap("loss_reference")
+    measurement = Measurement(samples, local.first_measured_step, ranks, off, on, pool_bytes, reference,
+                              link_curves or [], cell.attention, skipped)
     metrics = assemble_metrics(cell.config, measurement, device)
+    if shared is not None:
+        # Which reference: its key's name (the file holds the key itself) and the cell that computed it.
+        metrics["loss_reference_source"] = {"key": shared["name"], "file": shared["file"], "cell": shared["cell"]}
     if config.profile.nvtx:  # asked for: say whether the ranges were there (on CPU they are not)
         metrics["nvtx"] = {"active": nvtx.active, "status": nvtx.status}
+    metrics["phases_s"] = cell.clock.as_record()
     return metrics
+
+
+def loss_reference(cell: Cell, shared: Optional[dict[str, Any]]) -> tuple[Optional[list[float]], Optional[str]]:
+    """(losses, None) or (None, why not): the sweep's shared reference, or one computed here when
+    the runner says this cell computes it (or said nothing)."""
+    if shared is not None and not shared.get("compute"):
+        return shared.get("losses"), shared.get("reason")
+    config = cell.config if shared is None else loss_check.reference_config(cell.config)
+    if cell.device.type == "cuda":  # the whole device for the reference: the cell's state is done with
+        cell.trainer = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return loss_check.run_reference(config, cell.device)

@@ -24,6 +24,7 @@ from bench.metrics import collectives_spec as spec
 from bench.strategies.common import TORCH_DTYPES
 from bench.config.cell import CellConfig
 from bench.metrics.formulas import algbw, busbw
+from bench.metrics.phases import PhaseClock
 from bench.worker.timing import StepTimer, gather_across_ranks, percentile
 from isp_core.collectives import Pending, all_gather, all_reduce_, all_to_all, reduce_scatter
 from bench.worker import hang_watch
@@ -193,16 +194,20 @@ def sweep(config: CellConfig, cell_id: str, dev: torch.device) -> dict[str, Any]
     return spec.finish(doc, c.min_busbw_gbps)
 
 
-def run_collectives(config: CellConfig, cell_id: str, out: Path, dev: torch.device) -> int:
+def run_collectives(config: CellConfig, cell_id: str, out: Path, dev: torch.device,
+                    clock: PhaseClock | None = None) -> int:
     """The whole cell on this rank; 1 when the cell fails (every rank agrees: the inputs are
     reduced over the world), after rank 0 has written the table and result.json."""
     from bench.results.records import write_json_atomic
 
     from bench.worker.finish import write_agreed_result
 
+    clock = clock or PhaseClock()
     doc = sweep(config, cell_id, dev)
+    clock.lap("measure")  # the sweep of sizes is this cell's measurement
     if dist.get_rank() == 0:
         print(spec.format_table(doc), flush=True)
         write_json_atomic(out.parents[2] / "collectives" / f"{cell_id}.json", doc)
-    write_agreed_result(out, {"metrics": {"collectives": doc}, "error": doc["error"]})
+    metrics = {"collectives": doc, "phases_s": clock.as_record()}
+    write_agreed_result(out, {"metrics": metrics, "error": doc["error"]})
     return 1 if doc["error"] else 0  # the process group is torn down by bench.worker's main

@@ -68,7 +68,8 @@ def export_gzipped_trace(prof: profile, path: Path) -> Path:
     tmp = path.with_name(path.name.removesuffix(".gz") + f".tmp{os.getpid()}")
     prof.export_chrome_trace(str(tmp))
     try:
-        with open(tmp, "rb") as src, gzip.open(path, "wb") as dst:
+        # Level 1: a few times faster than gzip's default 9 on a profiler trace, about a third bigger.
+        with open(tmp, "rb") as src, gzip.open(path, "wb", compresslevel=1) as dst:
             shutil.copyfileobj(src, dst)
     finally:
         tmp.unlink(missing_ok=True)

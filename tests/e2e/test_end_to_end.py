@@ -1,8 +1,9 @@
 """The real worker through run_bench.py and torchrun: one tiny sweep over world sizes 1, 2, 4.
 
 Checks what only a whole run shows: every layout trains on the same tokens (equal loss
-curves), the counted bytes equal the formula, and a profiled cell leaves per-rank traces
-that tools can open, labelled with ISP's phases.
+curves), the counted bytes equal the formula, a profiled cell leaves per-rank traces
+that tools can open, labelled with ISP's phases, every record's phase times add up to its
+job, and one loss reference, computed in the world-size-1 cell, serves every cell.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from bench.metrics.phases import PHASES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,3 +109,21 @@ def test_profiled_cell_writes_labelled_traces(run: tuple[Path, dict[str, dict]])
         assert not missing, f"{path.name} lacks {missing}"
     overlap = profiled["metrics"]["overlap"]
     assert len(overlap["per_rank"]) == 2 and overlap["per_rank"][0]["comm_s"] > 0
+
+
+def test_phases_add_up_and_one_reference_serves_every_cell(run: tuple[Path, dict[str, dict]]) -> None:
+    run_dir, records = run
+    for record in records.values():
+        timed = record["metrics"]["phases_s"]
+        assert list(timed) == list(PHASES) and all(v >= 0 for v in timed.values())
+        assert sum(timed.values()) == pytest.approx(record["wall_s"], abs=0.05)  # the job, phase by phase
+        assert timed["measure"] > 0 and timed["launch_to_first_line"] > 0 and 0 <= record["runner_overhead_s"] < 5
+        assert (timed["profile"] > 0) == record["config"]["profile"]["enabled"]
+    sources = {json.dumps(r["metrics"]["loss_reference_source"], sort_keys=True) for r in records.values()}
+    (source,) = map(json.loads, sources)
+    host = [c for c, r in records.items() if r["metrics"]["phases_s"]["loss_reference"] > 0]
+    assert host == [source["cell"]] and records[host[0]]["config"]["parallel"]["world_size"] == 1
+    kept = json.loads((run_dir / source["file"]).read_text())
+    assert all(r["metrics"]["loss_reference"] == kept["losses"] for r in records.values())
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Where the time went" in summary and "timed share: measured steps" in summary

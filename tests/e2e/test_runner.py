@@ -29,7 +29,7 @@ from bench.sweep.runner import fmt_duration, new_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD_KEYS = {"schema_version", "run", "cell", "status", "swept", "config", "metrics", "error", "warnings",
-               "started_utc", "wall_s"}
+               "started_utc", "wall_s", "runner_overhead_s"}
 SMALL = {"model": {"hidden": 64, "layers": 1, "heads": 4, "kv_heads": 2, "vocab": 256, "mlp_hidden": 128},
          "data": {"seq_len": 32, "global_batch": 4, "micro_num": 1},
          "parallel": {"world_size": 2, "sp": 2, "wp": 2},
@@ -86,6 +86,7 @@ def test_sweep_records_every_cell_and_goes_on(sweep: tuple[Path, subprocess.Comp
     records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [r["cell"] for r in records] == [*OK, CRASH, KILL, HANG]
     assert all(set(r) == RECORD_KEYS and r["schema_version"] == 1 and r["run"] == run_dir.name for r in records)
+    assert all(0 <= r["runner_overhead_s"] < 5 for r in records)  # the runner's own work around each job
     by = {r["cell"]: r for r in records}
     for cell in OK:
         assert by[cell]["status"] == "ok" and by[cell]["error"] is None
@@ -215,7 +216,7 @@ def test_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     cell = CellConfig(parallel=ParallelConfig(world_size=4, sp=2, wp=2), run=RunConfig())
     paths = CellPaths.under(Path("/r"), "c")
     cmd = command(cell, paths, LaunchOptions())
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone", "-m"]
+    assert cmd[1:6] == ["-m", "bench.sweep.torchrun", "--nproc-per-node=4", "--standalone", "-m"]
     assert cmd[6:] == ["bench.worker", "--cell-config", "/r/cells/c/config.json", "--out", "/r/cells/c/result.json",
                        "--log-dir", "/r/logs/c"]
     multi = LaunchOptions(torchrun_args=("--nnodes=2", "--rdzv-endpoint=h:29500"), worker_module="w")

@@ -157,6 +157,10 @@ def test_every_cell_ok_on_both_nodes_with_the_reference_losses(sweep: Nodes) -> 
         counted = record["metrics"]["comm"]["counted_per_step"]  # what the ranks issued, by group and kind
         assert counted == formula_bytes(record["config"]), (counted, record["config"]["parallel"])
     assert records[4]["metrics"]["loss"] == pytest.approx(records[2]["metrics"]["loss"], rel=1e-5)
+    # One reference, computed in the world-2 cell, reached the world-4 cell's rank 0 on whichever node.
+    sources = {json.dumps(r["metrics"]["loss_reference_source"], sort_keys=True) for r in records.values()}
+    assert len(sources) == 1 and json.loads(sources.pop())["cell"] == records[2]["cell"]
+    assert records[4]["metrics"]["phases_s"]["loss_reference"] == 0.0 < records[2]["metrics"]["phases_s"]["loss_reference"]
     for rank in (0, 1):
         assert len(re.findall(r"^\[\d/2\] ws\d \.\.\. ok ", sweep.output(rank), re.M)) == 2, sweep.output(rank)
 

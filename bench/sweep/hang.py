@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import time
 from pathlib import Path

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from bench.config.cell import CellConfig
 from bench.config.matrix import Cell
-from bench.sweep.launch import (CellPaths, Interrupted, Job, LaunchOptions, Outcome, environment, failure, judge,
+from bench.sweep.launch import (CellPaths, Interrupted, LaunchOptions, Outcome, environment, failure, judge,
                                 start_attempt, start_job, torchrun_command)
+from bench.sweep.launch import Job as Process
 from bench.sweep.processes import kill_tree, shielded
 
 POOL_WORKER = "bench.worker.pool"
@@ -48,7 +49,7 @@ def grouped(cells: list[Cell]) -> list[Cell]:
 @dataclass
 class Job:
     key: tuple[int, str]
-    proc: Job
+    proc: Process  # a Popen or a forked torchrun (bench/sweep/launch.py Job)
     folder: Path
     launched_at: float  # time.time() at its start: the first cell's launch_to_first_line
     tasks: int = 0

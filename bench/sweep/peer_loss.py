@@ -23,6 +23,10 @@ from types import FrameType
 from bench.sweep import launch
 from bench.sweep.launch import Interrupted
 from bench.sweep.team import LOST_PEER_SIGNAL, LOST_PEER_SIGNAME
+from bench.sweep.zygote import ForkedJob
+
+# The job is a Popen, or a torchrun forked by the sweep's launcher (bench/sweep/zygote.py).
+_JOB_WAITS = (subprocess.Popen.wait.__code__, ForkedJob.wait.__code__)
 
 
 @contextlib.contextmanager
@@ -46,9 +50,9 @@ def ends_the_job() -> Iterator[None]:
 
 
 def _waiting_for_the_job(frame: FrameType | None) -> bool:
-    """Is the main thread in launch()'s own Popen.wait (not in the kill's, not elsewhere)?"""
+    """Is the main thread in launch()'s own wait for its job (not in the kill's, not elsewhere)?"""
     while frame is not None:
-        if frame.f_code is subprocess.Popen.wait.__code__:
+        if frame.f_code in _JOB_WAITS:
             return frame.f_back is not None and frame.f_back.f_code is launch.launch.__code__
         frame = frame.f_back
     return False

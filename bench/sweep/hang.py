@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 STACKS_MARK = "==== Python stacks requested by the runner (SIGUSR2) ===="
 DUMP_WAIT_S = 5.0  # how long live ranks get to write their stacks and Flight Recorder dumps
+PEER_SKEW_S = 2.0  # how far apart the nodes' timers for one cell may fire
 RECENT = 8  # launches per rank kept in the record
 STACK_LINES = 24
 _STATES = {"T": "stopped", "t": "stopped", "Z": "exited", "X": "exited"}
@@ -88,6 +89,15 @@ def _request_dumps(log_dir: Path, live: list[dict[str, Any]]) -> None:
     deadline = time.monotonic() + DUMP_WAIT_S
     while time.monotonic() < deadline and not all(_dumped(log_dir, i["rank"]) for i in live):
         time.sleep(0.1)
+
+
+def hold_for_peers(since: float) -> None:
+    """Several nodes: keep this node's ranks, and with them their connections, alive until the
+    other nodes, whose timers fire within PEER_SKEW_S of this one's (every node starts a cell at
+    one go), have had their DUMP_WAIT_S. A node that killed its ranks at once closed the
+    connections under ranks still dumping elsewhere: a rank on node 0 died of "Connection closed
+    by peer" before writing its Flight Recorder. `since`: when this node began collecting."""
+    time.sleep(max(0.0, since + DUMP_WAIT_S + PEER_SKEW_S - time.monotonic()))
 
 
 def _dumped(log_dir: Path, rank: int) -> bool:

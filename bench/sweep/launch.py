@@ -180,7 +180,10 @@ def launch(cell: CellConfig, paths: CellPaths, opts: LaunchOptions) -> Outcome:
             proc.wait(timeout=cell.run.timeout_s)
         except subprocess.TimeoutExpired:
             with shielded():
+                collecting = time.monotonic()
                 ranks = hang.collect(paths, live=True)  # what every rank was doing, before the kill
+                if opts.nnodes > 1:
+                    hang.hold_for_peers(collecting)  # the other nodes' ranks may still be dumping
                 kill_tree(proc, opts.kill_grace_s)
             error = failure(paths, None, f"timeout after {cell.run.timeout_s:g}s")
             error = hang.explain(paths, error, ranks, timed_out=True, rewrite=opts.nnodes == 1)

@@ -22,11 +22,14 @@ class RunFolderError(ValueError):
 def plan(config: Path | None, overrides: list[str], hardware: Path | None, link_profile: Path | None, fmt: str,
          peers: bool, master_fp32: bool, framework: str = "bench") -> str:
     from bench.config.matrix import load_config
+
+    bench = load_config(config, overrides, host=None)  # host None: no device or NVML probe
+    # The planner imports torch (about 2 s): only once the config is known to be good, so a bad
+    # one is answered at once.
     from bench.plan.planner import plan_cells
     from bench.plan.predict import PlanInputs
     from bench.plan.render import render
 
-    bench = load_config(config, overrides, host=None)  # host None: no device or NVML probe
     hw = load_hardware(hardware or DEFAULT_HARDWARE)
     curves = run_curves(link_profile) if link_profile else ()
     result = plan_cells([(c.id, c.config) for c in bench.cells], PlanInputs(hw, curves, master_fp32=master_fp32,

@@ -21,12 +21,13 @@ fraction, not by a number of seconds), so noise and effect are both relative.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from scipy.stats import t as student_t
 
 # The median of m normal draws has variance factor(m) * sigma^2 (exact for m <= 5, the
 # large-m limit pi/2m beyond), so short segments at the end of a series are not over-trusted.
@@ -99,16 +100,29 @@ def _level(y: Sequence[float], a: int, b: int, ref: float) -> float:
     return statistics.median(y[a:b])
 
 
+@functools.cache
+def _student_t() -> Any:
+    """scipy.stats (about 0.8 s to import) only once a split is tested, not for every CLI that
+    imports this module's settings (a bad config is answered before it)."""
+    from scipy.stats import t
+
+    return t
+
+
+def _t_sf(z: float, df: float) -> float:
+    return float(_student_t().sf(z, df))
+
+
 def _split_p(y: Sequence[float], a: int, k: int, b: int, sigma: float, df: float, tries: int) -> tuple[float, float]:
     """(difference of levels, corrected two-sided p) for the split of y[a:b] at k."""
     lo = statistics.median(y[a:k])
     diff = _level(y, k, b, lo) - lo
     if b - k == 2:  # both nights beyond: the tail probability squared
         z = abs(diff) / (sigma * math.sqrt(1.0 + _median_var(k - a)))
-        p = 2.0 * float(student_t.sf(z, df)) ** 2
+        p = 2.0 * _t_sf(z, df) ** 2
     else:
         z = abs(diff) / (sigma * math.sqrt(_median_var(k - a) + _median_var(b - k)))
-        p = 2.0 * float(student_t.sf(z, df))
+        p = 2.0 * _t_sf(z, df)
     return diff, min(1.0, p * tries)
 
 

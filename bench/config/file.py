@@ -17,7 +17,7 @@ import yaml
 from bench.config.limits import oversize, size_problem
 from bench.config.schema import SECTIONS, ConfigError, rule_for, suggest
 
-TOP_KEYS = ["name", "base", "matrix", "exclude", "include", "baseline"]
+TOP_KEYS = ["name", "base", "matrix", "exclude", "include", "canaries", "baseline"]
 DEFAULT_LABEL = "bench/default.yaml"
 # libyaml's parser when PyYAML has it (its wheels do): the pure-Python one takes seconds per
 # megabyte, and a sweep file must be answered, even refused, within a second.

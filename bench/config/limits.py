@@ -96,16 +96,18 @@ def size_problem(doc: Any, label: str) -> Optional[str]:
     return f"{label}: {where or '(the whole document)'}: {text}"
 
 
-def cells_problem(matrix: Any, include: Any, max_cells: int) -> Optional[str]:
+def cells_problem(matrix: Any, include: Any, max_cells: int, canaries: Any = None) -> Optional[str]:
     """Why the sweep would have more than `max_cells` cells, from the list lengths alone (the
-    matrix product before exclude, plus include entries), or None."""
+    matrix product before exclude, plus include entries and canaries), or None."""
     lengths = [len(v) for v in matrix.values() if isinstance(v, list)] if isinstance(matrix, dict) else []
     product = math.prod(lengths) if lengths else 0
-    extra = len(include) if isinstance(include, list) else 0
+    entries = len(include) if isinstance(include, list) else 0
+    probes = len(canaries) if isinstance(canaries, dict) else 0
+    extra = entries + probes
     if product + extra <= max_cells:
         return None
     shape = " x ".join(str(n) for n in lengths) or "no matrix"
-    plus = f" plus {extra:,} include entries" if extra else ""
+    plus = (f" plus {entries:,} include entries" if entries else "") + (f" plus {probes:,} canaries" if probes else "")
     return (f"matrix: {product + extra:,} cells ({shape} values before exclude{plus}); allowed: at most "
             f"{max_cells:,} cells (raise the bound with run_bench.py --max-cells N)")
 

@@ -62,7 +62,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None, cell_filt
 def build(doc: dict[str, Any], label: str, default_name: str, cell_filter: str | None = None,
           host: HostLimits | None = None, max_cells: int = MAX_CELLS) -> BenchConfig:
     out = Messages(label)
-    if (too_many := cells_problem(doc.get("matrix"), doc.get("include"), max_cells)) is not None:
+    if (too_many := cells_problem(doc.get("matrix"), doc.get("include"), max_cells, doc.get("canaries"))) is not None:
         raise ConfigError([f"{label}: {too_many}"])  # alone: nothing below runs on such a matrix
     for key in doc:
         if key not in TOP_KEYS:
@@ -78,7 +78,8 @@ def build(doc: dict[str, Any], label: str, default_name: str, cell_filter: str |
     include = _entries(doc.get("include"), "include", out, allowed=None)
     swept = list(dict.fromkeys(list(matrix) + [k for entry in include for k in entry]))
     baseline = _entries([doc.get("baseline") or {}], "baseline", out, allowed=swept)[0]
-    cells = _expand(base, matrix, exclude, include, swept, out, host)
+    canaries = _canaries(doc.get("canaries"), out)
+    cells = _expand(base, matrix, exclude, include, swept, out, host, canaries)
     if cell_filter is not None and cells:
         cells = _filter(cells, cell_filter, out)
     out.raise_if_any()
@@ -177,6 +178,38 @@ def _entries(raw: Any, where: str, out: Messages, allowed: list[str] | None) -> 
     return entries
 
 
+def _canaries(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
+    """`canaries: {ID: {dotted key: value}}`: cells named ID, `base` plus the keys, `run.canary`
+    true. Not swept keys: the other cells' ids (history series) stay as they were."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        out.add("canaries", "expected a mapping of cell ids to dotted keys, e.g. ws8-busbw: {run.kind: collectives}")
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for cell_id, entry in raw.items():
+        path = f"canaries.{cell_id}"
+        if not isinstance(cell_id, str) or not _SAFE.match(cell_id):
+            out.add(path, "not a safe cell id; allowed: letters, digits and . _ + - (it names the cell's folder)")
+            continue
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            out.add(path, f"expected a mapping of dotted keys, got {_clip(repr(entry))}")
+            continue
+        kept = {}
+        for key, value in entry.items():
+            if (problem := key_problem(key)) is not None:
+                out.add(f"{path}.{key}", problem)
+            elif key == "run.canary" and value is not True:
+                out.add(f"{path}.{key}", f"got {_show(value)}; a cell under canaries is a canary (allowed: true)")
+            else:
+                _check_value(key, value, f"{path}.{key}", out)
+                kept[key] = value
+        found[cell_id] = {**kept, "run.canary": True}
+    return found
+
+
 def _merge(base: dict[str, dict[str, Any]], values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     cell = copy.deepcopy(base)
     for dotted, value in values.items():
@@ -187,25 +220,28 @@ def _merge(base: dict[str, dict[str, Any]], values: dict[str, Any]) -> dict[str,
 
 def _expand(base: dict[str, dict[str, Any]], matrix: dict[str, list[Any]], exclude: list[dict[str, Any]],
             include: list[dict[str, Any]], swept: list[str], out: Messages,
-            host: HostLimits | None) -> list[Cell]:
-    """Cartesian product in key order, minus partial exclude matches, plus new include cells."""
+            host: HostLimits | None, canaries: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+    """The canaries (first, under their own ids), then the Cartesian product in key order, minus
+    partial exclude matches, plus new include cells."""
     combos = [dict(zip(matrix, values, strict=True)) for values in itertools.product(*matrix.values())]
     combos = [c for c in combos if not any(all(c.get(k) == v for k, v in e.items()) for e in exclude)]
-    merged = [_merge(base, c) for c in combos] + [_merge(base, e) for e in include]
+    merged: list[tuple[str | None, dict[str, dict[str, Any]]]] = [
+        *((cell_id, _merge(base, e)) for cell_id, e in (canaries or {}).items()),
+        *((None, _merge(base, c)) for c in combos), *((None, _merge(base, e)) for e in include)]
     abbrevs = _abbreviations(swept)
     cells: list[Cell] = []
     seen: set[str] = set()  # reprs of the cells' configs: equal reprs, equal configs (fields are normalised)
     by_cell: dict[tuple[str, str], list[str]] = {}  # one message per problem, naming every cell it hits
-    for raw in merged:
+    for named, raw in merged:
         values = {k: raw[k.partition(".")[0]][k.partition(".")[2]] for k in swept}
-        cell_id = "-".join(abbrevs[k] + _format(v) for k, v in values.items()) or "base"
+        cell_id = named or "-".join(abbrevs[k] + _format(v) for k, v in values.items()) or "base"
         try:
             config = CellConfig(**{name: cls(**raw[name]) for name, cls in SECTIONS.items()})
         except ConfigError as exc:  # a bad field value was reported where it was written
             for p in exc.problems:
                 by_cell.setdefault((p.key, p.text), []).append(cell_id)
             continue
-        if repr(config) in seen:  # an include that repeats a cell adds nothing
+        if named is None and repr(config) in seen:  # an include that repeats a cell adds nothing
             continue
         seen.add(repr(config))
         for p in host_problems(config, host) if host is not None else []:

@@ -214,6 +214,33 @@ def test_all_problems_collected_and_cell_messages_deduplicated() -> None:
     assert len(msgs) == len(set(msgs))
 
 
+def test_canaries_are_named_cells_that_leave_the_other_ids_alone() -> None:
+    plain = build(doc(matrix={"parallel.overlap": [False, True]}), "t.yaml", "t")
+    probe = {"run.kind": "collectives", "collectives.max_bytes": "64K"}
+    with_canaries = build(doc(matrix={"parallel.overlap": [False, True]},
+                              canaries={"ws2-busbw": probe, "ws2-same": None}), "t.yaml", "t")
+    ids = [c.id for c in with_canaries.cells]
+    assert ids == ["ws2-busbw", "ws2-same", *[c.id for c in plain.cells]]  # canaries first, the rest unchanged
+    assert with_canaries.swept_keys == plain.swept_keys == ("parallel.overlap",)
+    busbw, same = with_canaries.cells[:2]
+    assert busbw.config.run.canary and busbw.config.run.kind == "collectives"
+    assert busbw.config.collectives.max_bytes == 64 * 1024
+    assert same.config.run.canary and same.config.run.kind == "training"
+    assert not any(c.config.run.canary for c in with_canaries.cells[2:])
+
+
+def test_canary_problems_name_the_entry() -> None:
+    msgs = errors(doc(canaries={"bad id": {}, "c1": {"run.canary": False}, "c2": {"run.kindd": "x"}, "c3": [1]}))
+    for parts in [("canaries.bad id", "not a safe cell id"),
+                  ("canaries.c1.run.canary", "a cell under canaries is a canary (allowed: true)"),
+                  ("canaries.c2.run.kindd", "did you mean 'kind'"),
+                  ("canaries.c3", "expected a mapping of dotted keys")]:
+        assert any(all(p in m for p in parts) for m in msgs), (parts, msgs)
+    assert any("expected a mapping of cell ids" in m for m in errors(doc(canaries=["x"])))
+    clash = errors(doc(matrix={"parallel.overlap": [False, True]}, canaries={"ov0": {}}))
+    assert any("ov0" in m and "two different cells get this id" in m for m in clash), clash
+
+
 # --- overrides, filter ----------------------------------------------------------------------
 
 def test_set_overrides(tmp_path: Path) -> None:
@@ -260,6 +287,7 @@ def test_gpu_configs_valid_on_their_hosts() -> None:
     nightly = load_config(REPO / "configs" / "gpu-nightly-8.yaml", host=HostLimits(cuda_devices=8))
     assert {(c.config.parallel.sp, c.config.parallel.wp) for c in nightly.cells} >= {(8, 8), (8, 1), (4, 8), (2, 8)}
     assert all(c.config.parallel.world_size == 8 and c.config.data.seq_len == 32768 for c in nightly.cells)
+    assert [c.id for c in nightly.cells if c.config.run.canary] == ["ws8-collectives"]
     single = load_config(REPO / "configs" / "gpu-single.yaml", host=HostLimits(cuda_devices=1))
     assert all(c.config.parallel.world_size == 1 and c.config.run.backend == "nccl" for c in single.cells)
     with pytest.raises(ConfigError, match="needs 8 GPUs"):

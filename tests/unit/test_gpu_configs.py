@@ -51,7 +51,10 @@ def test_the_several_node_config_follows_the_node_count(nnodes: int) -> None:
     world = 8 * nnodes
     bench = load_config(CONFIGS / "gpu-nightly-nodes.yaml", [f"parallel.world_size={world}",
                         f"data.global_batch={world}"], host=HostLimits(nnodes=nnodes, cuda_devices=8))
-    assert len(bench.cells) == 6 and {c.config.parallel.wp for c in bench.cells} == {8, world}
+    assert len(bench.cells) == 7 and {c.config.parallel.wp for c in bench.cells} == {8, world}
+    (canary,) = [c for c in bench.cells if c.config.run.canary]  # the machine probe spans every node
+    assert canary.id == "all-nodes-collectives" and canary.config.run.kind == "collectives"
+    assert canary.config.parallel.wp == world and canary.config.collectives.group == "weight"
     for c in bench.cells:
         cfg = c.config
         assert cfg.parallel.world_size == world and cfg.parallel.sp == 8  # sp inside one node

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from bench.cli import main as cli
+from bench.cli import nightly as nightly_cli
 from bench.config.matrix import load_config
-from bench.results import report
+from bench.results import history, report
 from bench.results.records import append_record, load_run
 from bench.sweep import runner
 from bench.sweep.launch import Outcome
@@ -120,7 +121,12 @@ def test_resume_ends_what_a_dead_runner_left(tmp_path: Path) -> None:
 @pytest.mark.slow  # three torchrun launches
 def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
     """s0 ends in gloo's teardown abort after its result is agreed; s1 hangs. A second runner is
-    refused, SIGTERM records s1 as interrupted within --grace-s, --resume runs s1 alone."""
+    refused, SIGTERM records s1 as interrupted within --grace-s, the nightly judging that night
+    against five ok ones exits 3 (not judged), never 1, and --resume runs s1 alone."""
+    db = tmp_path / "history.sqlite"
+    for night in range(5):  # five earlier nights on which both cells were ok
+        (tmp_path / f"night{night}").mkdir()
+        history.record_run(db, made_run(tmp_path / f"night{night}", ["ok", "ok"]))
     config = write_config(tmp_path, 2)
     proc = run_cli([str(config), "--results-dir", str(tmp_path / "r"), "--grace-s", "15"],
                    {"s0": "abort", "s1": "hang"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -148,6 +154,12 @@ def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
     assert "mode hang" in s1["error"]["log_tail"]
     assert "[2/2] s1 ... interrupted" in stdout and "1 interrupted" in (run_dir / "summary.md").read_text()
     assert_no_leftovers(run_dir)
+
+    assert nightly_cli.main(["--run", str(run_dir), "--db", str(db), "--format", "json"]) == 3
+    verdict = json.loads((run_dir / "nightly.json").read_text())
+    assert verdict["interrupted_cells"] == ["s1"] and verdict["failed_cells"] == []
+    assert not [v for v in verdict["series"] if v["status"] == "regression"], verdict["series"]
+    assert "Interrupted cells" in (run_dir / "nightly.md").read_text()
 
     out = run_cli(["--resume", str(run_dir)], {})
     assert out.returncode == 0, out.stdout + out.stderr

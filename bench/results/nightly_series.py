@@ -164,7 +164,12 @@ class Context:
         if start > 0:
             diff = env_changes(self.runs.get(points[start - 1].run_id), self.runs.get(points[start].run_id),
                                MACHINE_KEYS, known_only=True)
-            events += [f"{k} {a} -> {b}" for k, (a, b) in diff.items()]
+            # A machine explains a new level only while the machine stays: a level that outlasts
+            # the change (a later night at it on other hosts, or back on the old driver) is the
+            # code's, so a cluster that hands out other nodes each night still sees it red.
+            later = [self.runs.get(p.run_id) or {} for p in points[start + 1:]]
+            events += [f"{k} {a} -> {b}" for k, (a, b) in diff.items()
+                       if all(run.get(k) in (None, b) for run in later)]
         return "machine changed: " + "; ".join(events) if events else ""
 
     def straggler_nights(self, cell: str, points: list[HistoryPoint]) -> list[bool]:

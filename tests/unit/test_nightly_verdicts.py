@@ -146,6 +146,22 @@ def test_a_canary_move_or_a_new_driver_labels_the_other_changes(tmp_path: Path) 
         "machine changed: driver 550.54 -> 560.35.03; hostnames node01 -> node01,node07"}
 
 
+def test_a_level_that_outlasts_its_machine_change_is_the_code(tmp_path: Path) -> None:
+    """A cluster that hands out other nodes every night: the step up came with night 9's new
+    second node, but night 10 ran on yet another one and stayed up, so it is the code's (the
+    test above keeps its label: there the new driver and node stay)."""
+    scales = [1.0] * 8 + [1.15] * 2
+    hosts = {9: {"nodes": [{"hostname": "node01"}, {"hostname": "node07"}]},
+             10: {"nodes": [{"hostname": "node01"}, {"hostname": "node12"}]}}
+    runs, db = write_nights(tmp_path / "rotating", scales, env_of=hosts), tmp_path / "rotating.sqlite"
+    record(db, runs[:8])
+    assert judge(runs[8], db)["exit_code"] == 0  # one night up: not yet a change (it needs a second)
+    night10 = judge(runs[9], db)
+    assert night10["exit_code"] == 1 and set(step_verdicts(night10)) == set(CELLS)
+    assert {(s["status"], s["change"]["label"], s["change"]["start_run"]) for s in step_verdicts(night10).values()} \
+        == {("regression", "", runs[8].name)}
+
+
 def _straggler(night: int, lag: float, slowed: bool):  # type: ignore[no-untyped-def]
     def edit(record: dict[str, Any]) -> None:
         if record["cell"] != "ws4_overlap-on":

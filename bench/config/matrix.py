@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,17 +166,23 @@ def _entries(raw: Any, where: str, out: Messages, allowed: list[str] | None) -> 
         if not isinstance(entry, dict):
             out.add(path, f"expected a mapping of dotted keys, got {entry!r}")
             continue
-        kept = {}
-        for key, value in entry.items():
-            if (problem := key_problem(key)) is not None:
-                out.add(f"{path}.{key}", problem)
-            elif allowed is not None and key not in allowed:
-                out.add(f"{path}.{key}", f"not a swept key; allowed: {', '.join(allowed) or 'none (nothing is swept)'}")
-            else:
-                _check_value(key, value, f"{path}.{key}", out)
-                kept[key] = value
-        entries.append(kept)
+        swept = (lambda key, _: None if allowed is None or key in allowed else
+                 f"not a swept key; allowed: {', '.join(allowed) or 'none (nothing is swept)'}")
+        entries.append(_keys(entry, path, out, swept))
     return entries
+
+
+def _keys(entry: dict[str, Any], path: str, out: Messages,
+          refuse: Callable[[str, Any], str | None]) -> dict[str, Any]:
+    """An entry's dotted keys that exist, are not refused and whose values pass their rules."""
+    kept = {}
+    for key, value in entry.items():
+        if (problem := key_problem(key) or refuse(key, value)) is not None:
+            out.add(f"{path}.{key}", problem)
+        else:
+            _check_value(key, value, f"{path}.{key}", out)
+            kept[key] = value
+    return kept
 
 
 def _canaries(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
@@ -197,16 +204,9 @@ def _canaries(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
         if not isinstance(entry, dict):
             out.add(path, f"expected a mapping of dotted keys, got {_clip(repr(entry))}")
             continue
-        kept = {}
-        for key, value in entry.items():
-            if (problem := key_problem(key)) is not None:
-                out.add(f"{path}.{key}", problem)
-            elif key == "run.canary" and value is not True:
-                out.add(f"{path}.{key}", f"got {_show(value)}; a cell under canaries is a canary (allowed: true)")
-            else:
-                _check_value(key, value, f"{path}.{key}", out)
-                kept[key] = value
-        found[cell_id] = {**kept, "run.canary": True}
+        not_canary = (lambda key, value: f"got {_show(value)}; a cell under canaries is a canary (allowed: true)"
+                      if key == "run.canary" and value is not True else None)
+        found[cell_id] = {**_keys(entry, path, out, not_canary), "run.canary": True}
     return found
 
 

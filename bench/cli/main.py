@@ -295,6 +295,6 @@ def _print_cells(bench: BenchConfig, cells: list[Cell]) -> None:
     def show(value: object) -> str:  # as YAML writes it: false, not False
         return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
-    rows = [[c.id, *(show(c.swept.get(k)) for k in bench.swept_keys), c.config.parallel.world_size] for c in cells]
+    rows = [[c.id, *(show(c.swept.get(k, "-")) for k in bench.swept_keys), c.config.parallel.world_size] for c in cells]
     print(tabulate(rows, headers=["cell", *bench.swept_keys, "ranks"], disable_numparse=True))
     print(f"{len(cells)} cell(s) from {bench.source}; dry run: GPU count and NVML were not checked", flush=True)

@@ -123,6 +123,7 @@ def _set_everywhere(doc: dict[str, Any], dotted: str, value: Any) -> None:
             base[section][name] = value
     if isinstance(doc.get("matrix"), dict) and dotted in doc["matrix"]:
         doc["matrix"][dotted] = [value]
-    for entry in doc.get("include") or []:
+    canaries = doc.get("canaries")
+    for entry in [*(doc.get("include") or []), *(canaries.values() if isinstance(canaries, dict) else [])]:
         if isinstance(entry, dict) and dotted in entry:
             entry[dotted] = value

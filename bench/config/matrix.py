@@ -10,21 +10,21 @@ import copy
 import dataclasses
 import itertools
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
-from bench.config.schema import SECTIONS, ConfigError, _clip, _show, rule_for, suggest
+from bench.config.schema import SECTIONS, ConfigError, _clip, _show, suggest
 from bench.config.checks import HostLimits, host_problems
+from bench.config.entries import SAFE_ID, check_value, parse_canaries, parse_entries
 from bench.config.file import TOP_KEYS, Messages, apply_overrides, key_problem, read_doc
 from bench.config.limits import MAX_CELLS, cells_problem, name_problem
 
 _ABBREV = {"overlap": "ov", "memory_pool": "mp", "checkpoint": "ck", "world_size": "ws", "sp": "sp",
            "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": "", "kind": "", "group": "",
            "wp_unit": "wu", "head": "hd", "forward_overlap_per": "fo", "launch_allgather_before": "lb"}
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_SAFE = SAFE_ID
 
 
 @dataclass(frozen=True)
@@ -75,25 +75,17 @@ def build(doc: dict[str, Any], label: str, default_name: str, cell_filter: str |
         out.add("name", f"got {_show(name)}; allowed: letters, digits and . _ + - (it names the results folder)")
     base = _base(doc.get("base"), out)
     matrix = _matrix(doc.get("matrix"), out)
-    exclude = _entries(doc.get("exclude"), "exclude", out, allowed=list(matrix))
-    include = _entries(doc.get("include"), "include", out, allowed=None)
+    exclude = parse_entries(doc.get("exclude"), "exclude", out, allowed=list(matrix))
+    include = parse_entries(doc.get("include"), "include", out, allowed=None)
     swept = list(dict.fromkeys(list(matrix) + [k for entry in include for k in entry]))
-    baseline = _entries([doc.get("baseline") or {}], "baseline", out, allowed=swept)[0]
-    canaries = _canaries(doc.get("canaries"), out)
+    baseline = parse_entries([doc.get("baseline") or {}], "baseline", out, allowed=swept)[0]
+    canaries = parse_canaries(doc.get("canaries"), out)
     cells = _expand(base, matrix, exclude, include, swept, out, host, canaries)
     if cell_filter is not None and cells:
         cells = _filter(cells, cell_filter, out)
     out.raise_if_any()
     return BenchConfig(name=str(name), source=label, doc=doc, swept_keys=tuple(swept),
                        baseline=baseline, cells=tuple(cells))
-
-
-def _check_value(dotted: str, value: Any, path: str, out: Messages) -> None:
-    rule = rule_for(dotted)
-    assert rule is not None, dotted
-    _, text = rule.check(value)
-    if text:
-        out.add(path, text)
 
 
 def _base(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
@@ -114,7 +106,7 @@ def _base(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
                 if (problem := key_problem(f"{section}.{key}")) is not None:
                     out.add(f"base.{section}.{key}", problem)
                     continue
-                _check_value(f"{section}.{key}", value, f"base.{section}.{key}", out)
+                check_value(f"{section}.{key}", value, f"base.{section}.{key}", out)
                 base[section][key] = value
     return base
 
@@ -134,7 +126,7 @@ def _matrix(raw: Any, out: Messages) -> dict[str, list[Any]]:
         else:
             seen: set[Any] = set()  # == as `in` compares (1 and 1.0 are one value); lists compared in full
             for i, value in enumerate(values):
-                _check_value(key, value, f"matrix.{key}[{i}]", out)
+                check_value(key, value, f"matrix.{key}[{i}]", out)
                 hashable = _hashable(value)
                 if (value in seen) if hashable else (value in values[:i]):
                     out.add(f"matrix.{key}[{i}]", f"{_clip(repr(value))} is listed twice; each value makes its "
@@ -151,63 +143,6 @@ def _hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _entries(raw: Any, where: str, out: Messages, allowed: list[str] | None) -> list[dict[str, Any]]:
-    """exclude/include entries (and baseline): mappings of dotted keys, values checked."""
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        out.add(where, "expected a list of mappings of dotted keys, e.g. - {parallel.overlap: false}")
-        return []
-    entries = []
-    for i, entry in enumerate(raw):
-        path = f"{where}[{i}]" if where != "baseline" else where
-        if not isinstance(entry, dict):
-            out.add(path, f"expected a mapping of dotted keys, got {entry!r}")
-            continue
-        swept = (lambda key, _: None if allowed is None or key in allowed else
-                 f"not a swept key; allowed: {', '.join(allowed) or 'none (nothing is swept)'}")
-        entries.append(_keys(entry, path, out, swept))
-    return entries
-
-
-def _keys(entry: dict[str, Any], path: str, out: Messages,
-          refuse: Callable[[str, Any], str | None]) -> dict[str, Any]:
-    """An entry's dotted keys that exist, are not refused and whose values pass their rules."""
-    kept = {}
-    for key, value in entry.items():
-        if (problem := key_problem(key) or refuse(key, value)) is not None:
-            out.add(f"{path}.{key}", problem)
-        else:
-            _check_value(key, value, f"{path}.{key}", out)
-            kept[key] = value
-    return kept
-
-
-def _canaries(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
-    """`canaries: {ID: {dotted key: value}}`: cells named ID, `base` plus the keys, `run.canary`
-    true. Not swept keys: the other cells' ids (history series) stay as they were."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        out.add("canaries", "expected a mapping of cell ids to dotted keys, e.g. ws8-busbw: {run.kind: collectives}")
-        return {}
-    found: dict[str, dict[str, Any]] = {}
-    for cell_id, entry in raw.items():
-        path = f"canaries.{cell_id}"
-        if not isinstance(cell_id, str) or not _SAFE.match(cell_id):
-            out.add(path, "not a safe cell id; allowed: letters, digits and . _ + - (it names the cell's folder)")
-            continue
-        if entry is None:
-            entry = {}
-        if not isinstance(entry, dict):
-            out.add(path, f"expected a mapping of dotted keys, got {_clip(repr(entry))}")
-            continue
-        not_canary = (lambda key, value: f"got {_show(value)}; a cell under canaries is a canary (allowed: true)"
-                      if key == "run.canary" and value is not True else None)
-        found[cell_id] = {**_keys(entry, path, out, not_canary), "run.canary": True}
-    return found
 
 
 def _merge(base: dict[str, dict[str, Any]], values: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -246,11 +181,11 @@ def _expand(base: dict[str, dict[str, Any]], matrix: dict[str, list[Any]], exclu
         seen.add(repr(config))
         for p in host_problems(config, host) if host is not None else []:
             by_cell.setdefault((p.key, p.text), []).append(cell_id)
-        cells.append(Cell(cell_id, values, config))
+        cells.append(Cell(cell_id, {} if named else values, config))  # a canary sweeps nothing
     for (key, text), ids in by_cell.items():
         shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
         out.add(f"base.{key}" if ids == ["base"] else f"cell{'s' if len(ids) > 1 else ''} {shown} ({key})", text)
-    _check_ids(cells, out)
+    _check_ids(cells, out, set(canaries or {}))
     return cells
 
 
@@ -277,12 +212,14 @@ def _format(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+]", "_", str(value))
 
 
-def _check_ids(cells: list[Cell], out: Messages) -> None:
+def _check_ids(cells: list[Cell], out: Messages, canaries: set[str]) -> None:
     seen: dict[str, Cell] = {}
     for cell in cells:
         if not _SAFE.match(cell.id):
             out.add(f"cell {cell.id}", "the id is not safe as a folder name; change the swept values")
-        if cell.id in seen:
+        if cell.id in seen and cell.id in canaries:
+            out.add(f"canaries.{cell.id}", "a matrix or include cell has this id too; rename the canary")
+        elif cell.id in seen:
             out.add(f"cell {cell.id}", f"two different cells get this id (swept {seen[cell.id].swept} and "
                                        f"{cell.swept}); make their swept values differ")
         seen.setdefault(cell.id, cell)

@@ -24,6 +24,7 @@ class Trend:
     always: bool = True  # charted (empty, saying so) even when no run recorded it
 
 
+BUSBW = "collectives.avg_busbw_gbps"  # a collectives cell's one figure (a canary's, in a nightly)
 TRENDS: tuple[Trend, ...] = (
     Trend(("step_time_s",), "step time (median, p10-p90 band)", "ms", 1e3, band=True),
     Trend(("tokens_per_s",), "tokens/s", "tokens/s", 1.0),
@@ -35,6 +36,7 @@ TRENDS: tuple[Trend, ...] = (
     Trend(("plan.step_time_s.rel_error",), "plan error: step time", "%", 100.0, always=False),
     Trend(("plan.peak_memory_bytes.rel_error",), "plan error: peak memory", "%", 100.0, always=False),
     Trend(("plan.exposed_comm_s.rel_error",), "plan error: exposed comm", "%", 100.0, always=False),
+    Trend((BUSBW,), "bus bandwidth (mean over ops and sizes)", "GB/s", 1.0, always=False),
 )
 
 
@@ -136,6 +138,8 @@ def read_site(db: DbLike, settings: DetectorSettings | None = None) -> list[Conf
             cells = []
             for cell, status in sorted(_statuses(conn, config).items()):
                 series = [s for t in TRENDS if (s := _series(conn, config, cell, t, commits, judged)) is not None]
+                if any(s.metric == BUSBW and s.points for s in series):  # a collectives cell: no training charts
+                    series = [s for s in series if s.points]
                 cells.append(CellView(config, cell, status, cell_verdict(newest_judged, cell), series))
             views.append(ConfigView(config, config_runs, cells, judged.open_regressions.get(config, []), nightly))
     return views

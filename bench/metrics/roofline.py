@@ -74,8 +74,12 @@ def curves_from_records(records: list[dict[str, Any]], run: str) -> list[Curve]:
     return out
 
 
-def load_curves(run_dir: Path) -> list[Curve]:
-    return curves_from_records(read_records(run_dir), Path(run_dir).name)
+def load_curves(run_dir: Path, canaries: bool = True) -> list[Curve]:
+    """The run's collectives tables; `canaries=False` leaves out canary cells (a nightly's machine
+    probe measures a narrow range, and would win ties over --link-profile's full tables)."""
+    records = [r for r in read_records(run_dir)
+               if canaries or ((r.get("config") or {}).get("run") or {}).get("canary") is not True]
+    return curves_from_records(records, Path(run_dir).name)
 
 
 def find_curve(curves: list[Curve], op: str, config: CellConfig,

@@ -115,6 +115,17 @@ def env_changes(a: dict[str, Any] | None, b: dict[str, Any] | None, keys: tuple[
             if a.get(k) != b.get(k) and not (known_only and (a.get(k) is None or b.get(k) is None))}
 
 
+def machine_stays(key: str, before: Any, after: Any, earlier: list[dict[str, Any]],
+                  later: list[dict[str, Any]]) -> bool:
+    """Whether every later night still ran on what changed: the hosts that came in (hostnames),
+    else no value the series had before the change (driver, CUDA, NCCL, GPU, counts)."""
+    if key == "hostnames":
+        came = set(str(after).split(",")) - set(str(before).split(","))
+        return all(run.get(key) is None or came <= set(str(run[key]).split(",")) for run in later)
+    old = {run.get(key) for run in earlier if run.get(key) is not None}
+    return all(run.get(key) not in old for run in later)
+
+
 def describe_stragglers(straggler: dict[str, Any]) -> str:
     """'straggler rank 5 (node 0), lag 12.0%' from a record's metrics.straggler (shared schema)."""
     ranks = [f"rank {s.get('rank')} (node {s.get('node')}), lag {float(s.get('lag_pct') or 0):.1f}%"
@@ -165,11 +176,11 @@ class Context:
             diff = env_changes(self.runs.get(points[start - 1].run_id), self.runs.get(points[start].run_id),
                                MACHINE_KEYS, known_only=True)
             # A machine explains a new level only while the machine stays: a level that outlasts
-            # the change (a later night at it on other hosts, or back on the old driver) is the
-            # code's, so a cluster that hands out other nodes each night still sees it red.
+            # the change (a later night at it without the hosts that came in, or back on an old
+            # driver) is the code's, so a cluster that hands out other nodes each night sees it red.
+            earlier = [self.runs.get(p.run_id) or {} for p in points[:start]]
             later = [self.runs.get(p.run_id) or {} for p in points[start + 1:]]
-            events += [f"{k} {a} -> {b}" for k, (a, b) in diff.items()
-                       if all(run.get(k) in (None, b) for run in later)]
+            events += [f"{k} {a} -> {b}" for k, (a, b) in diff.items() if machine_stays(k, a, b, earlier, later)]
         return "machine changed: " + "; ".join(events) if events else ""
 
     def straggler_nights(self, cell: str, points: list[HistoryPoint]) -> list[bool]:

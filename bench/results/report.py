@@ -51,6 +51,8 @@ def step_time(record: Record, _: Record | None) -> str | None:
 
 
 def speedup(record: Record, base: Record | None) -> str | None:
+    if is_canary(record):  # a machine probe is compared across nights, not with a baseline cell
+        return None
     if base is None:
         return "n/a"
     if base is record:
@@ -111,12 +113,17 @@ def baselines(records: list[Record], rule: dict[str, Any]) -> dict[str, Record |
         flat = flatten(r.get("config") or {})
         return tuple(r.get("swept", {}).get(k, flat.get(k)) for k in keys)
 
-    by_view = {view(r): r for r in records}
-    out = {}
-    for r in records:
+    compared = [r for r in records if not is_canary(r)]  # a machine probe is nobody's baseline
+    by_view = {view(r): r for r in compared}
+    out: dict[str, Record | None] = {r["cell"]: None for r in records}
+    for r in compared:
         target = tuple(rule.get(k, v) for k, v in zip(keys, view(r), strict=True))
         out[r["cell"]] = by_view.get(target)
     return out
+
+
+def is_canary(record: Record) -> bool:
+    return ((record.get("config") or {}).get("run") or {}).get("canary") is True
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -146,7 +153,7 @@ def _mark_best(records: list[Record], grid: list[list[str | None]]) -> None:
             continue
         name, direction = col.best
         values = [(number(metric(r, name)), row) for r, row in zip(records, grid, strict=True)
-                  if r.get("status") == "ok"]
+                  if r.get("status") == "ok" and not is_canary(r)]
         values = [(v, row) for v, row in values if v is not None and row[i] is not None]
         if len(values) < 2:
             continue

@@ -251,7 +251,7 @@ def _run_one(run_dir: Path, cell: Cell, opts: LaunchOptions, linked: list[roofli
     begun = time.monotonic()
     paths = CellPaths.under(run_dir, cell.id)
     shared = references.instruction(run_dir, cell)
-    write_cell_inputs(paths, cell, roofline.load_curves(run_dir) + linked, shared)
+    write_cell_inputs(paths, cell, roofline.load_curves(run_dir, canaries=False) + linked, shared)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     outcome = launcher(cell.config, paths, opts)
     references.keep(run_dir, shared, outcome.metrics)

@@ -30,7 +30,7 @@ from bench.config import COLLECTIVE_OPS, CellConfig, CollectivesConfig, ConfigEr
 from bench.config.checks import HostLimits
 from bench.sweep.launch import judged_result
 from bench.config.matrix import Cell, build, load_config
-from bench.metrics.roofline import Curve, curves_from_records, find_curve, roofline
+from bench.metrics.roofline import Curve, curves_from_records, find_curve, load_curves, roofline
 from bench.metrics.assemble import roofline_metrics
 from bench.metrics.roofline import LINKS_FILE, curves_from_json, curves_to_json
 from bench.sweep.launch import CellPaths
@@ -222,6 +222,17 @@ def test_curves_come_from_ok_collectives_records_only() -> None:
     records = [ok, {**ok, "cell": "d", "status": "failed"}, training]
     (only,) = curves_from_records(records, "run")
     assert only.source == "run/c" and only.sizes == (1024, 4096) and only.times_s == pytest.approx((1e-4, 2e-4))
+
+
+def test_a_canary_table_is_left_out_of_the_roofline(tmp_path: Path) -> None:
+    """A nightly's collectives canary measures a narrow range: the runner's roofline leaves it out
+    (it would win ties over --link-profile's full tables); plan --calibrate may still read it."""
+    ok = {"cell": "c", "status": "ok", "config": {"run": {"kind": "collectives"}},
+          "metrics": {"collectives": table_doc(None)}}
+    probe = {**ok, "cell": "probe", "config": {"run": {"kind": "collectives", "canary": True}}}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (ok, probe)))
+    assert {c.source for c in load_curves(tmp_path)} == {f"{tmp_path.name}/c", f"{tmp_path.name}/probe"}
+    assert {c.source for c in load_curves(tmp_path, canaries=False)} == {f"{tmp_path.name}/c"}
 
 
 # --- config --------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
     verdict = json.loads((run_dir / "nightly.json").read_text())
     assert verdict["interrupted_cells"] == ["s1"] and verdict["failed_cells"] == []
     assert not [v for v in verdict["series"] if v["status"] == "regression"], verdict["series"]
+    s0_step = [v["status"] for v in verdict["series"] if (v["cell"], v["metric"]) == ("s0", "step_time_s")]
+    assert s0_step == ["no change"]  # judged against five nights: the exit 3 is the interruption's
     assert "Interrupted cells" in (run_dir / "nightly.md").read_text()
 
     out = run_cli(["--resume", str(run_dir)], {})

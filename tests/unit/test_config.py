@@ -227,6 +227,7 @@ def test_canaries_are_named_cells_that_leave_the_other_ids_alone() -> None:
     assert busbw.config.collectives.max_bytes == 64 * 1024
     assert same.config.run.canary and same.config.run.kind == "training"
     assert not any(c.config.run.canary for c in with_canaries.cells[2:])
+    assert busbw.swept == same.swept == {}  # a canary sweeps nothing: no baseline, no speed-up
 
 
 def test_canary_problems_name_the_entry() -> None:
@@ -238,7 +239,7 @@ def test_canary_problems_name_the_entry() -> None:
         assert any(all(p in m for p in parts) for m in msgs), (parts, msgs)
     assert any("expected a mapping of cell ids" in m for m in errors(doc(canaries=["x"])))
     clash = errors(doc(matrix={"parallel.overlap": [False, True]}, canaries={"ov0": {}}))
-    assert any("ov0" in m and "two different cells get this id" in m for m in clash), clash
+    assert "t.yaml: canaries.ov0: a matrix or include cell has this id too; rename the canary" in clash, clash
 
 
 # --- overrides, filter ----------------------------------------------------------------------

@@ -67,6 +67,24 @@ def test_plan_error_is_one_more_trend_when_records_carry_it(tmp_path: Path) -> N
     assert len(series["step_time_s"].points) == 3 and series["step_time_s"].points[0].lo is not None
 
 
+def test_a_collectives_canary_is_charted_by_its_bus_bandwidth_alone(tmp_path: Path) -> None:
+    def canary(record: dict, day: int) -> None:
+        if record["cell"] == "ws4_overlap-off":  # a nightly's collectives canary (configs/gpu-nightly-8.yaml)
+            record["config"]["run"].update(canary=True, kind="collectives")
+            record["metrics"] = {"collectives": {"avg_busbw_gbps": 100.0 + day, "wrong": 0}}
+
+    db = tmp_path / "h.sqlite"
+    for run in nights(tmp_path, 3, canary):
+        history.record_run(db, run)
+    (config,) = read_site(db)
+    cells = {c.cell: c for c in config.cells}
+    probe = cells["ws4_overlap-off"]
+    assert [(s.metric, [p.value for p in s.points]) for s in probe.series] == [
+        ("collectives.avg_busbw_gbps", [101.0, 102.0, 103.0])]  # no empty training charts
+    trained = {s.metric for s in cells["ws4_overlap-on"].series}
+    assert "step_time_s" in trained and "collectives.avg_busbw_gbps" not in trained
+
+
 def test_acknowledged_changes_and_change_points_are_drawn_where_they_start() -> None:
     points = [Point(i, f"run{i}", f"2025-03-{i + 1:02d}T00:00:00", "c" * 40, 0.2 + 0.05 * (i >= 3), 0.19, 0.3)
               for i in range(6)]

@@ -162,6 +162,24 @@ def test_a_level_that_outlasts_its_machine_change_is_the_code(tmp_path: Path) ->
         == {("regression", "", runs[8].name)}
 
 
+NEW_DRIVER = {"driver": "560.35.03"}
+NEW_NODE = {"nodes": [{"hostname": "node01"}, {"hostname": "node07"}]}
+
+
+@pytest.mark.parametrize("moved, night11, label", [
+    (NEW_DRIVER, {"driver": "565.57"}, "machine changed: driver 550.54 -> 560.35.03"),  # another upgrade, not back
+    (NEW_NODE, {"nodes": [{"hostname": "node07"}, {"hostname": "node12"}]},  # the node that came in is still there
+     "machine changed: hostnames node01 -> node01,node07")])
+def test_a_machine_change_keeps_its_label_while_what_changed_stays(tmp_path: Path, moved: dict[str, Any],
+                                                                    night11: dict[str, Any], label: str) -> None:
+    env_of = {9: moved, 10: moved, 11: night11}
+    runs, db = write_nights(tmp_path, [1.0] * 8 + [1.15] * 3, env_of=env_of), tmp_path / "h.sqlite"
+    record(db, runs[:10])
+    doc = judge(runs[10], db)
+    assert doc["exit_code"] == 3 and doc["regressions"] == 0
+    assert {(s["status"], s["change"]["label"]) for s in step_verdicts(doc).values()} == {("machine change", label)}
+
+
 def _straggler(night: int, lag: float, slowed: bool):  # type: ignore[no-untyped-def]
     def edit(record: dict[str, Any]) -> None:
         if record["cell"] != "ws4_overlap-on":

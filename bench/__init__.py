@@ -3,7 +3,8 @@
     run_bench.py      -> bench/cli/         argument parsing only: main (sweep), compare, history, nightly, plan,
                                             export, dashboard
     1. what to run       bench/config/      rules and schema (sections), checks, cell, YAML file + --set, matrix,
-                                            limits (alias bombs, cell count, name length)
+                                            entries (exclude/include/baseline/canaries), limits (alias bombs,
+                                            cell count, name length)
     2. run the sweep     bench/sweep/       runner (one cell after another), launch (one torchrun job), lock,
                                             processes (nothing left behind), nodes/team/lockstep/multinode
                                             (several nodes through torch's c10d store: store, a deadline on

@@ -79,12 +79,18 @@ def rank_log_says(run_dir: Path, cell: str, text: str, attempt: int = 1) -> bool
 
 
 def test_sigkill_of_the_runner_leaves_no_process(tmp_path: Path) -> None:
-    proc = run_cli([str(write_config(tmp_path, 1)), "--results-dir", str(tmp_path / "r")], {"s0": "hang"},
+    """s0 ok, s1 hangs, the runner is SIGKILLed: nothing is left running, and the nightly judging
+    the half-run night against five whole ones lists s1 as missing and exits 3, not 0."""
+    db = tmp_path / "history.sqlite"
+    for night in range(5):
+        (tmp_path / f"night{night}").mkdir()
+        history.record_run(db, made_run(tmp_path / f"night{night}", ["ok", "ok"]))
+    proc = run_cli([str(write_config(tmp_path, 2)), "--results-dir", str(tmp_path / "r")], {"s0": "ok", "s1": "hang"},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: list((tmp_path / "r").glob("*/logs/s0/rank1.log")))
+        wait_for(lambda: list((tmp_path / "r").glob("*/logs/s1/rank1.log")))
         run_dir = next((tmp_path / "r").iterdir())
-        wait_for(lambda: rank_log_says(run_dir, "s0", "mode hang"))
+        wait_for(lambda: rank_log_says(run_dir, "s1", "mode hang"))
         lock = json.loads((run_dir / "runner.lock").read_text())
         assert lock["pid"] == proc.pid and lock["host"] and lock["start_time"] == start_time(proc.pid)
         assert len(processes_mentioning(str(run_dir))) >= 3  # torchrun and both ranks
@@ -96,6 +102,10 @@ def test_sigkill_of_the_runner_leaves_no_process(tmp_path: Path) -> None:
         assert processes_mentioning(str(run_dir)) == []
     finally:
         proc.kill()
+    assert nightly_cli.main(["--run", str(run_dir), "--db", str(db), "--format", "json"]) == 3
+    verdict = json.loads((run_dir / "nightly.json").read_text())
+    assert verdict["missing_cells"] == ["s1"] and verdict["interrupted_cells"] == [] and verdict["failed_cells"] == []
+    assert [v["status"] for v in verdict["series"] if (v["cell"], v["metric"]) == ("s0", "step_time_s")] == ["no change"]
 
 
 def test_resume_ends_what_a_dead_runner_left(tmp_path: Path) -> None:

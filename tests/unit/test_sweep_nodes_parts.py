@@ -30,6 +30,17 @@ time.sleep(120)
 """
 
 
+def stopped(pid: int, timeout_s: float = 10.0) -> None:
+    """Wait until every thread of `pid` is stopped (state T in /proc/PID/task/*/stat)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [Path(t, "stat").read_text().rpartition(")")[2].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} did not stop within {timeout_s} s")
+
+
 def test_a_call_to_a_server_that_stops_answering_ends_at_its_deadline() -> None:
     """SIGSTOP the server: the connection stays open and nothing fails, as on a pulled cable."""
     with socket.socket() as s:
@@ -42,6 +53,7 @@ def test_a_call_to_a_server_that_stops_answering_ends_at_its_deadline() -> None:
                                       wait_for_workers=False), deadline_s=1.5)
         assert store.call("add", "k", 1) == 1
         os.kill(server.pid, signal.SIGSTOP)
+        stopped(server.pid)  # the signal is asynchronous: a thread still running could answer
         start = time.monotonic()
         with pytest.raises(StoreDead, match="no answer for 1.5s"):
             store.call("add", "k", 1)

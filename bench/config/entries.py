@@ -30,15 +30,18 @@ def parse_entries(raw: Any, where: str, out: Messages, allowed: list[str] | None
     if not isinstance(raw, list):
         out.add(where, "expected a list of mappings of dotted keys, e.g. - {parallel.overlap: false}")
         return []
+    def not_swept(key: str, _: Any) -> str | None:
+        if allowed is None or key in allowed:
+            return None
+        return f"not a swept key; allowed: {', '.join(allowed) or 'none (nothing is swept)'}"
+
     entries = []
     for i, entry in enumerate(raw):
         path = f"{where}[{i}]" if where != "baseline" else where
         if not isinstance(entry, dict):
             out.add(path, f"expected a mapping of dotted keys, got {entry!r}")
             continue
-        swept = (lambda key, _: None if allowed is None or key in allowed else
-                 f"not a swept key; allowed: {', '.join(allowed) or 'none (nothing is swept)'}")
-        entries.append(_keys(entry, path, out, swept))
+        entries.append(_keys(entry, path, out, not_swept))
     return entries
 
 
@@ -74,7 +77,11 @@ def parse_canaries(raw: Any, out: Messages) -> dict[str, dict[str, Any]]:
         if not isinstance(entry, dict):
             out.add(path, f"expected a mapping of dotted keys, got {_clip(repr(entry))}")
             continue
-        not_canary = (lambda key, value: f"got {_show(value)}; a cell under canaries is a canary (allowed: true)"
-                      if key == "run.canary" and value is not True else None)
-        found[cell_id] = {**_keys(entry, path, out, not_canary), "run.canary": True}
+        found[cell_id] = {**_keys(entry, path, out, _not_canary), "run.canary": True}
     return found
+
+
+def _not_canary(key: str, value: Any) -> str | None:
+    if key == "run.canary" and value is not True:
+        return f"got {_show(value)}; a cell under canaries is a canary (allowed: true)"
+    return None

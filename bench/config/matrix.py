@@ -24,7 +24,6 @@ from bench.config.limits import MAX_CELLS, cells_problem, name_problem
 _ABBREV = {"overlap": "ov", "memory_pool": "mp", "checkpoint": "ck", "world_size": "ws", "sp": "sp",
            "wp": "wp", "micro_num": "mn", "seq_len": "sl", "strategy": "", "kind": "", "group": "",
            "wp_unit": "wu", "head": "hd", "forward_overlap_per": "fo", "launch_allgather_before": "lb"}
-_SAFE = SAFE_ID
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def build(doc: dict[str, Any], label: str, default_name: str, cell_filter: str |
     name = doc.get("name", default_name)
     if (too_long := name_problem(name)) is not None:
         out.add("name", too_long)
-    elif not isinstance(name, str) or not _SAFE.match(name):
+    elif not isinstance(name, str) or not SAFE_ID.match(name):
         out.add("name", f"got {_show(name)}; allowed: letters, digits and . _ + - (it names the results folder)")
     base = _base(doc.get("base"), out)
     matrix = _matrix(doc.get("matrix"), out)
@@ -215,7 +214,7 @@ def _format(value: Any) -> str:
 def _check_ids(cells: list[Cell], out: Messages, canaries: set[str]) -> None:
     seen: dict[str, Cell] = {}
     for cell in cells:
-        if not _SAFE.match(cell.id):
+        if not SAFE_ID.match(cell.id):
             out.add(f"cell {cell.id}", "the id is not safe as a folder name; change the swept values")
         if cell.id in seen and cell.id in canaries:
             out.add(f"canaries.{cell.id}", "a matrix or include cell has this id too; rename the canary")

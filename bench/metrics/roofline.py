@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config.cell import CellConfig
-from bench.results.records import latest, read_records
+from bench.results.records import is_canary, latest, read_records
 
 LINKS_FILE = "links.json"  # the curves a training cell's worker gets, beside its config.json
 # Better matches first: the very same rank partition, then groups of the same size in a job of
@@ -77,8 +77,7 @@ def curves_from_records(records: list[dict[str, Any]], run: str) -> list[Curve]:
 def load_curves(run_dir: Path, canaries: bool = True) -> list[Curve]:
     """The run's collectives tables; `canaries=False` leaves out canary cells (a nightly's machine
     probe measures a narrow range, and would win ties over --link-profile's full tables)."""
-    records = [r for r in read_records(run_dir)
-               if canaries or ((r.get("config") or {}).get("run") or {}).get("canary") is not True]
+    records = [r for r in read_records(run_dir) if canaries or not is_canary(r.get("config"))]
     return curves_from_records(records, Path(run_dir).name)
 
 

@@ -109,20 +109,16 @@ def _student_t() -> Any:
     return t
 
 
-def _t_sf(z: float, df: float) -> float:
-    return float(_student_t().sf(z, df))
-
-
 def _split_p(y: Sequence[float], a: int, k: int, b: int, sigma: float, df: float, tries: int) -> tuple[float, float]:
     """(difference of levels, corrected two-sided p) for the split of y[a:b] at k."""
     lo = statistics.median(y[a:k])
     diff = _level(y, k, b, lo) - lo
     if b - k == 2:  # both nights beyond: the tail probability squared
         z = abs(diff) / (sigma * math.sqrt(1.0 + _median_var(k - a)))
-        p = 2.0 * _t_sf(z, df) ** 2
+        p = 2.0 * float(_student_t().sf(z, df)) ** 2
     else:
         z = abs(diff) / (sigma * math.sqrt(_median_var(k - a) + _median_var(b - k)))
-        p = 2.0 * _t_sf(z, df)
+        p = 2.0 * float(_student_t().sf(z, df))
     return diff, min(1.0, p * tries)
 
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from bench.results.records import Run, flatten, metric_samples, metric_value, number
+from bench.results.records import Run, flatten, is_canary, metric_samples, metric_value, number
 from bench.results.verdict import METRICS
 
 MATCHES_FORMULA = "comm.matches_prediction"  # 1.0 when the counted bytes equal the formula, else 0.0
@@ -82,7 +82,7 @@ def loss_key(record: dict[str, Any]) -> str | None:
 def status_row(run_id: int, cell: str, record: dict[str, Any]) -> tuple[Any, ...]:
     run_cfg = _run_section(record)
     return (run_id, cell, str(record.get("status")), text(run_cfg.get("device")), loss_key(record),
-            "1" if run_cfg.get("canary") is True else "0")
+            "1" if is_canary(record.get("config")) else "0")
 
 
 def hostnames(env: dict[str, Any]) -> str | None:

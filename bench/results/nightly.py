@@ -42,7 +42,7 @@ from bench.results.nightly_series import (BYTES_PER_STEP, IMPROVEMENT, MACHINE, 
                                           REGRESSION, STRAGGLER, TOO_LITTLE, Change, Context, Night,
                                           NightlySettings, SeriesVerdict, env_changes, higher_is_better,
                                           judge_series, judged_metrics)
-from bench.results.records import RecordError, Run
+from bench.results.records import RecordError, Run, is_canary
 from bench.results.series_state import exact_changes
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_TOO_LITTLE = 0, 1, 2, 3
@@ -102,11 +102,6 @@ def planned_cells(run: Run) -> dict[str, dict[str, Any]] | None:
         raise RecordError(path, None, f"not a list of cells ({exc})") from None
 
 
-def _canary(config: dict[str, Any] | None) -> bool:
-    run = (config or {}).get("run")
-    return isinstance(run, dict) and run.get("canary") is True
-
-
 def _night_of(db: sqlite3.Connection, run: Run) -> Night:
     row = db.execute("SELECT id FROM runs WHERE path = ?", (str(run.path.resolve()),)).fetchone()
     if row is None:
@@ -145,7 +140,7 @@ def _judge_run(db: sqlite3.Connection, run: Run, settings: NightlySettings) -> N
     ctx = Context(db, run.config_name, night, settings, run.records)
     planned = planned_cells(run)
     configs = {**(planned or {}), **{c: r.get("config") or {} for c, r in run.records.items()}}
-    canaries = [c for c, cfg in configs.items() if _canary(cfg)]
+    canaries = [c for c, cfg in configs.items() if is_canary(cfg)]
     for cell in canaries:  # first: their moves label everything else tonight
         ctx.add_canary(cell)
     verdicts: list[SeriesVerdict] = []

@@ -178,9 +178,10 @@ class Context:
             # A machine explains a new level only while the machine stays: a level that outlasts
             # the change (a later night at it without the hosts that came in, or back on an old
             # driver) is the code's, so a cluster that hands out other nodes each night sees it red.
-            earlier = [self.runs.get(p.run_id) or {} for p in points[:start]]
-            later = [self.runs.get(p.run_id) or {} for p in points[start + 1:]]
-            events += [f"{k} {a} -> {b}" for k, (a, b) in diff.items() if machine_stays(k, a, b, earlier, later)]
+            if diff:
+                earlier = [self.runs.get(p.run_id) or {} for p in points[:start]]
+                later = [self.runs.get(p.run_id) or {} for p in points[start + 1:]]
+                events += [f"{k} {a} -> {b}" for k, (a, b) in diff.items() if machine_stays(k, a, b, earlier, later)]
         return "machine changed: " + "; ".join(events) if events else ""
 
     def straggler_nights(self, cell: str, points: list[HistoryPoint]) -> list[bool]:

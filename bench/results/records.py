@@ -156,6 +156,12 @@ def lookup(metrics: Any, name: str) -> Any:
     return node
 
 
+def is_canary(config: Any) -> bool:
+    """Whether a record's config marks a canary cell (`run.canary: true`, a machine probe)."""
+    run = config.get("run") if isinstance(config, dict) else None
+    return isinstance(run, dict) and run.get("canary") is True
+
+
 def number(value: Any) -> float | None:
     # bool is an int in Python, but a flag is never a measurement.
     if isinstance(value, (int, float)) and not isinstance(value, bool):

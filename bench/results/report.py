@@ -20,7 +20,7 @@ import yaml
 from tabulate import tabulate
 
 from bench.metrics import phases
-from bench.results.records import flatten, latest, lookup, number, read_records  # noqa: F401 - read_records re-exported
+from bench.results.records import flatten, is_canary, latest, lookup, number, read_records  # noqa: F401 - read_records re-exported
 from bench.results.straggler_line import slowest_rank_line
 
 MISSING = "—"
@@ -51,7 +51,7 @@ def step_time(record: Record, _: Record | None) -> str | None:
 
 
 def speedup(record: Record, base: Record | None) -> str | None:
-    if is_canary(record):  # a machine probe is compared across nights, not with a baseline cell
+    if is_canary(record.get("config")):  # a machine probe is compared across nights, not with a baseline cell
         return None
     if base is None:
         return "n/a"
@@ -113,17 +113,13 @@ def baselines(records: list[Record], rule: dict[str, Any]) -> dict[str, Record |
         flat = flatten(r.get("config") or {})
         return tuple(r.get("swept", {}).get(k, flat.get(k)) for k in keys)
 
-    compared = [r for r in records if not is_canary(r)]  # a machine probe is nobody's baseline
+    compared = [r for r in records if not is_canary(r.get("config"))]  # a machine probe is nobody's baseline
     by_view = {view(r): r for r in compared}
     out: dict[str, Record | None] = {r["cell"]: None for r in records}
     for r in compared:
         target = tuple(rule.get(k, v) for k, v in zip(keys, view(r), strict=True))
         out[r["cell"]] = by_view.get(target)
     return out
-
-
-def is_canary(record: Record) -> bool:
-    return ((record.get("config") or {}).get("run") or {}).get("canary") is True
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -153,7 +149,7 @@ def _mark_best(records: list[Record], grid: list[list[str | None]]) -> None:
             continue
         name, direction = col.best
         values = [(number(metric(r, name)), row) for r, row in zip(records, grid, strict=True)
-                  if r.get("status") == "ok" and not is_canary(r)]
+                  if r.get("status") == "ok" and not is_canary(r.get("config"))]
         values = [(v, row) for v, row in values if v is not None and row[i] is not None]
         if len(values) < 2:
             continue

@@ -61,6 +61,25 @@ def made_run(tmp: Path, statuses: list[str | None], torn: bool = False) -> Path:
     return run_dir
 
 
+def ok_nights(tmp: Path, nights: int = 5) -> Path:
+    """A history DB of `nights` earlier runs on which both cells (s0, s1) were ok."""
+    db = tmp / "history.sqlite"
+    for night in range(nights):
+        (tmp / f"night{night}").mkdir()
+        history.record_run(db, made_run(tmp / f"night{night}", ["ok", "ok"]))
+    return db
+
+
+def judged(run_dir: Path, db: Path) -> dict[str, Any]:
+    """`nightly --run RUN_DIR` against `db`, which must exit 3 (not judged complete); its nightly.json."""
+    assert nightly_cli.main(["--run", str(run_dir), "--db", str(db), "--format", "json"]) == 3
+    return json.loads((run_dir / "nightly.json").read_text())
+
+
+def step_statuses(verdict: dict[str, Any], cell: str) -> list[str]:
+    return [v["status"] for v in verdict["series"] if (v["cell"], v["metric"]) == (cell, "step_time_s")]
+
+
 def records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
@@ -81,10 +100,7 @@ def rank_log_says(run_dir: Path, cell: str, text: str, attempt: int = 1) -> bool
 def test_sigkill_of_the_runner_leaves_no_process(tmp_path: Path) -> None:
     """s0 ok, s1 hangs, the runner is SIGKILLed: nothing is left running, and the nightly judging
     the half-run night against five whole ones lists s1 as missing and exits 3, not 0."""
-    db = tmp_path / "history.sqlite"
-    for night in range(5):
-        (tmp_path / f"night{night}").mkdir()
-        history.record_run(db, made_run(tmp_path / f"night{night}", ["ok", "ok"]))
+    db = ok_nights(tmp_path)
     proc = run_cli([str(write_config(tmp_path, 2)), "--results-dir", str(tmp_path / "r")], {"s0": "ok", "s1": "hang"},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -102,10 +118,9 @@ def test_sigkill_of_the_runner_leaves_no_process(tmp_path: Path) -> None:
         assert processes_mentioning(str(run_dir)) == []
     finally:
         proc.kill()
-    assert nightly_cli.main(["--run", str(run_dir), "--db", str(db), "--format", "json"]) == 3
-    verdict = json.loads((run_dir / "nightly.json").read_text())
+    verdict = judged(run_dir, db)
     assert verdict["missing_cells"] == ["s1"] and verdict["interrupted_cells"] == [] and verdict["failed_cells"] == []
-    assert [v["status"] for v in verdict["series"] if (v["cell"], v["metric"]) == ("s0", "step_time_s")] == ["no change"]
+    assert step_statuses(verdict, "s0") == ["no change"]
 
 
 def test_resume_ends_what_a_dead_runner_left(tmp_path: Path) -> None:
@@ -133,10 +148,7 @@ def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
     """s0 ends in gloo's teardown abort after its result is agreed; s1 hangs. A second runner is
     refused, SIGTERM records s1 as interrupted within --grace-s, the nightly judging that night
     against five ok ones exits 3 (not judged), never 1, and --resume runs s1 alone."""
-    db = tmp_path / "history.sqlite"
-    for night in range(5):  # five earlier nights on which both cells were ok
-        (tmp_path / f"night{night}").mkdir()
-        history.record_run(db, made_run(tmp_path / f"night{night}", ["ok", "ok"]))
+    db = ok_nights(tmp_path)
     config = write_config(tmp_path, 2)
     proc = run_cli([str(config), "--results-dir", str(tmp_path / "r"), "--grace-s", "15"],
                    {"s0": "abort", "s1": "hang"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -165,12 +177,10 @@ def test_second_runner_then_sigterm_then_resume(tmp_path: Path) -> None:
     assert "[2/2] s1 ... interrupted" in stdout and "1 interrupted" in (run_dir / "summary.md").read_text()
     assert_no_leftovers(run_dir)
 
-    assert nightly_cli.main(["--run", str(run_dir), "--db", str(db), "--format", "json"]) == 3
-    verdict = json.loads((run_dir / "nightly.json").read_text())
+    verdict = judged(run_dir, db)
     assert verdict["interrupted_cells"] == ["s1"] and verdict["failed_cells"] == []
     assert not [v for v in verdict["series"] if v["status"] == "regression"], verdict["series"]
-    s0_step = [v["status"] for v in verdict["series"] if (v["cell"], v["metric"]) == ("s0", "step_time_s")]
-    assert s0_step == ["no change"]  # judged against five nights: the exit 3 is the interruption's
+    assert step_statuses(verdict, "s0") == ["no change"]  # judged against five nights: the exit 3 is the interruption's
     assert "Interrupted cells" in (run_dir / "nightly.md").read_text()
 
     out = run_cli(["--resume", str(run_dir)], {})

@@ -4,6 +4,8 @@ key and the limit, before anything expands or prints the value. Times are not as
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,9 +111,6 @@ def test_long_bad_values_are_shown_clipped(tmp_path: Path) -> None:
 def test_every_command_refuses_before_importing_torch_or_scipy(tmp_path: Path) -> None:
     """`CONFIG`, `plan CONFIG` and `nightly CONFIG` answer a hostile file before the imports that
     take seconds (torch about 2 s, scipy.stats about 0.8 s here; docs/config.md has the times)."""
-    import subprocess
-    import sys
-
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(alias_bomb())
     probe = ("import sys\nfrom bench.cli.main import main\ncode = main(sys.argv[1:])\n"

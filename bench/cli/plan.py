@@ -3,7 +3,7 @@
     plan CONFIG [--world N] [--hardware FILE] [--link-profile RUN_DIR] [--format table|md|json]
     plan --calibrate RUN_DIR [RUN_DIR ...] [--hardware BASE] [--out FILE]
     plan --validate RUN_DIR [RUN_DIR ...] [--calibration RUN_DIR ...] [--hardware FILE] [--format json]
-    plan --published [TABLE] [--format table|md|json]
+    plan --published [TABLE] [--one-node] [--format table|md|json]
 
 Nothing is launched and no local device is probed. Exit 2 on bad input (config, hardware file,
 run folder), naming the file and the key.
@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--published", type=Path, nargs="?", const=True, metavar="TABLE",
                    help="plan a table of published measurements (default: configs/published/internevo.yaml) "
                         "and print each prediction beside its source and the error")
+    p.add_argument("--one-node", action="store_true",
+                   help="with --published: take each cluster's compute rate from its rows on one node (one factor on "
+                        "its efficiencies) and judge the goals on the other rows")
     p.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR",
                    help="write a hardware file for this machine from a collectives run and a profiled run")
     p.add_argument("--out", type=Path, metavar="FILE", help="where --calibrate writes (default: stdout)")
@@ -53,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.world is not None and args.world < 1:
         print(f"error: --world {args.world}: allowed: an int >= 1", file=sys.stderr)
         return 2
+    if args.one_node and not args.published:
+        print("error: --one-node calibrates the rows of --published; give --published too", file=sys.stderr)
+        return 2
     try:
         if args.published:
             from bench.plan import published
 
             table = published.DEFAULT_TABLE if args.published is True else args.published
-            sys.stdout.write(published.render(published.plan_table(table), args.format))
+            sys.stdout.write(published.render(published.plan_table(table, one_node=args.one_node), args.format))
         elif args.calibrate:
             text = commands.calibration_yaml(args.calibrate, args.hardware)
             if args.out:

@@ -8,10 +8,16 @@ bench.plan.predict.internevo_flops, over the dtype's peak). Error = predicted / 
 The goals (docs/plan.md): median |error| <= 5%, no row beyond 15%, every row (each one ran)
 predicted to fit, Kendall tau >= 0.8 between predicted and published values within each model.
 Nothing is fitted to the rows: the hardware files hold datasheet figures and marked assumptions.
+
+With `one_node` (plan --published --one-node) each cluster's compute rate is instead taken from
+its one-node rows, as one would from a measured node before planning the cluster: the file's
+matmul and attention efficiencies are scaled by the one factor that makes the median error of
+its rows on at most one node zero, and the goals are judged on the other rows only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,28 +75,77 @@ def _value(metric: str, pred: Prediction, hw: Hardware) -> float:
     raise ValueError(f"metric {metric!r}; allowed: tgs, mfu_internevo")
 
 
-def plan_table(path: Path = DEFAULT_TABLE) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read the table of published measurements: {exc}") from exc
-    rows, hardware = [], {}
-    for table in doc["tables"]:
-        hw_path = HARDWARE_DIR / table["hardware"]
-        hw = hardware.setdefault(table["hardware"], load_hardware(hw_path))
-        model = doc["models"][table["model"]]
-        for gpus, micro_bsz, micro_num, value in table["rows"]:
-            row = Row(f"{table['id']}@{gpus}/{micro_bsz}x{micro_num}", table, gpus, micro_bsz, micro_num, value)
-            try:
-                config = cell_config(table, model, gpus, micro_bsz, micro_num)
-                pred = predict(row.id, config, PlanInputs(hw, framework="internevo"))
-            except ValueError as exc:
-                row.why_not = str(exc).splitlines()[0]
-            else:
-                row.prediction, row.predicted = pred, _value(table["metric"], pred, hw)
-            rows.append(row)
-    return {"rows": rows, "summary": summary(rows), "sources": doc["sources"], "not_planned": doc.get("not_planned", []),
-            "assumptions": {name: list(hw.assumptions) for name, hw in hardware.items()}}
+
+
+def _plan_row(table: dict[str, Any], model: dict[str, Any], spec: list, hw: Hardware) -> Row:
+    gpus, micro_bsz, micro_num, value = spec
+    row = Row(f"{table['id']}@{gpus}/{micro_bsz}x{micro_num}", table, gpus, micro_bsz, micro_num, value)
+    try:
+        config = cell_config(table, model, gpus, micro_bsz, micro_num)
+        pred = predict(row.id, config, PlanInputs(hw, framework="internevo"))
+    except ValueError as exc:
+        row.why_not = str(exc).splitlines()[0]
+    else:
+        row.prediction, row.predicted = pred, _value(table["metric"], pred, hw)
+    return row
+
+
+def scaled_compute(hw: Hardware, factor: float) -> Hardware:
+    """`hw` with its matmul and attention efficiencies times `factor`."""
+    if hw.measured or hw.achieved is not None:
+        raise ValueError(f"{hw.source}: carries measured compute rates; a one-node calibration scales the "
+                         "datasheet efficiencies (compute.efficiency) of a file without them")
+    return dataclasses.replace(hw, efficiency={k: v * factor for k, v in hw.efficiency.items()})
+
+
+def one_node_factor(specs: list[tuple[dict, dict, list]], hw: Hardware, lo: float = 0.25, hi: float = 4.0,
+                    tol: float = 1e-4) -> float:
+    """The factor on `hw`'s efficiencies at which the median error of the rows `specs` (table, model,
+    row) is zero. The error grows with the factor (a faster GPU, more tokens per second), so bisect."""
+    def median_error(factor: float) -> float:
+        rows = [_plan_row(t, m, spec, scaled_compute(hw, factor)) for t, m, spec in specs]
+        if any(r.error is None for r in rows):
+            raise ValueError(f"{hw.source}: a one-node row cannot be planned: "
+                             + next(r.why_not for r in rows if r.error is None))
+        return statistics.median(r.error for r in rows)
+
+    if not median_error(lo) < 0 < median_error(hi):
+        raise ValueError(f"{hw.source}: no efficiency factor in [{lo}, {hi}] meets the one-node rows")
+    while hi / lo > 1 + tol:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if median_error(mid) < 0 else (lo, mid)
+    return (lo * hi) ** 0.5
+
+
+def plan_table(path: Path = DEFAULT_TABLE, one_node: bool = False) -> dict[str, Any]:
+    doc = _read(path)
+    hardware = {name: load_hardware(HARDWARE_DIR / name) for name in dict.fromkeys(t["hardware"] for t in doc["tables"])}
+    calibration: dict[str, dict[str, Any]] = {}
+    if one_node:
+        for name, hw in hardware.items():
+            specs = [(t, doc["models"][t["model"]], spec) for t in doc["tables"] if t["hardware"] == name
+                     for spec in t["rows"] if spec[0] <= hw.gpus_per_node]
+            if not specs:
+                raise ValueError(f"{path}: {name} has no row on one node ({hw.gpus_per_node} GPUs) to calibrate on")
+            factor = one_node_factor(specs, hw)
+            hardware[name] = scaled_compute(hw, factor)
+            calibration[name] = {"factor": factor, "efficiency": hardware[name].efficiency,
+                                 "rows": [f"{t['id']}@{s[0]}/{s[1]}x{s[2]}" for t, _, s in specs]}
+    rows = [_plan_row(t, doc["models"][t["model"]], spec, hardware[t["hardware"]])
+            for t in doc["tables"] for spec in t["rows"]]
+    used = {r for c in calibration.values() for r in c["rows"]}
+    result = {"rows": rows, "summary": summary([r for r in rows if r.id not in used]), "sources": doc["sources"],
+              "not_planned": doc.get("not_planned", []),
+              "assumptions": {name: list(hw.assumptions) for name, hw in hardware.items()}}
+    if one_node:
+        result["calibration"] = calibration
+        result["summary_all_rows"] = summary(rows)
+    return result
 
 
 def summary(rows: list[Row]) -> dict[str, Any]:
@@ -125,6 +180,7 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
         return json.dumps(doc, indent=1) + "\n"
     lines = []
     table = []
+    used = {r for c in (result.get("calibration") or {}).values() for r in c["rows"]}
     for r in result["rows"]:
         p = r.prediction
         shown = (lambda v: f"{100 * v:.1f}%") if r.table["metric"] == "mfu_internevo" else (lambda v: f"{v:,.0f}")
@@ -133,17 +189,22 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
                       "-" if r.error is None else f"{100 * r.error:+.1f}%",
                       "-" if p is None else f"{p.memory.peak_bytes / 2 ** 30:.1f} / {p.capacity_bytes / 2 ** 30:.1f}"
                       + ("" if p.fits else " NO"),
-                      r.why_not or ("" if p is None else f"exposed comm {p.exposed_comm_s:.2f} s of {p.step_time_s:.2f}")])
+                      r.why_not or ("" if p is None else f"exposed comm {p.exposed_comm_s:.2f} s of {p.step_time_s:.2f}")
+                      + (" (calibration row)" if r.id in used else "")])
     lines.append(tabulate(table, ["row (table@gpus/micro_bsz x micro_num)", "source", "metric", "published",
                                   "predicted", "error", "peak / capacity GiB", "note"],
                           tablefmt="github" if fmt == "md" else "simple"))
-    s = result["summary"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines.append(f"\n{s['planned']} of {s['rows']} rows planned; median |error| {pct(s['median_abs_error'])}, "
-                 f"max {pct(s['max_abs_error'])}; beyond 15%: {len(s['beyond_15pct'])}; predicted not to fit: "
-                 f"{len(s['predicted_not_to_fit'])}; Kendall tau within each model: "
-                 + ", ".join(f"{m} {t:.2f}" for m, t in s["kendall_tau"].items()))
-    lines.append("goals: " + "; ".join(f"{g}: {'met' if ok else 'MISSED'}" for g, ok in s["goals"].items()))
+    calibration = result.get("calibration")
+    if calibration:
+        lines.append("\none-node calibration (--one-node): each file's efficiencies scaled so that the median "
+                     "error of its rows on one node is zero:")
+        lines.extend(f"  {name}: x{c['factor']:.3f} (" + ", ".join(f"{k} {v:.3f}" for k, v in c["efficiency"].items())
+                     + f") from {len(c['rows'])} row(s): " + ", ".join(c["rows"]) for name, c in calibration.items())
+        lines.append(_summary_line(result["summary"], "the other rows (the goals are judged on these)"))
+        lines.append(_summary_line(result["summary_all_rows"], "all rows, the calibration rows included"))
+    else:
+        lines.append(_summary_line(result["summary"], ""))
+    lines.append("goals: " + "; ".join(f"{g}: {'met' if ok else 'MISSED'}" for g, ok in result["summary"]["goals"].items()))
     lines.append("\nsources:\n" + "\n".join(f"  {k}: {v}" for k, v in result["sources"].items()))
     lines.append("not planned:\n" + "\n".join(f"  {n}" for n in result["not_planned"]))
     notes = {t["id"]: t for t in (r.table for r in result["rows"])}
@@ -152,6 +213,14 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
     lines.append("assumptions of the hardware files:\n" + "\n".join(f"  {f}: {a}" for f, items in
                                                                  result["assumptions"].items() for a in items))
     return "\n".join(lines) + "\n"
+
+
+def _summary_line(s: dict[str, Any], label: str) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    return (f"{'' if label else chr(10)}{label + ': ' if label else ''}{s['planned']} of {s['rows']} rows planned; "
+            f"median |error| {pct(s['median_abs_error'])}, max {pct(s['max_abs_error'])}; beyond 15%: "
+            f"{len(s['beyond_15pct'])}; predicted not to fit: {len(s['predicted_not_to_fit'])}; Kendall tau within "
+            "each model: " + ", ".join(f"{m} {t:.2f}" for m, t in s["kendall_tau"].items()))
 
 
 def _row_dict(r: Row) -> dict[str, Any]:

@@ -3,12 +3,15 @@ its cluster's hardware file, and set beside its source with the error."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 
 import pytest
 
 from bench.cli.plan import main
-from bench.plan.published import DEFAULT_TABLE, plan_table
+from bench.plan.hardware import load_hardware
+from bench.plan.published import DEFAULT_TABLE, HARDWARE_DIR, plan_table, scaled_compute
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +49,42 @@ def test_the_summary_states_each_goal_and_the_table_prints_its_sources(result, c
 def test_a_missing_table_is_a_clear_error(tmp_path, capsys):
     assert main(["--published", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def one_node():
+    return plan_table(DEFAULT_TABLE, one_node=True)
+
+
+def test_one_node_calibration_zeroes_the_median_of_each_files_one_node_rows(result, one_node):
+    cal = one_node["calibration"]
+    assert set(cal) == {r.table["hardware"] for r in result["rows"]}
+    by_id = {r.id: r for r in one_node["rows"]}
+    plain = {r.id: r for r in result["rows"]}
+    for name, c in cal.items():
+        hw = load_hardware(HARDWARE_DIR / name)
+        rows = [by_id[i] for i in c["rows"]]
+        assert rows and all(r.gpus <= hw.gpus_per_node and r.table["hardware"] == name for r in rows)
+        assert abs(statistics.median(r.error for r in rows)) < 1e-3
+        assert c["efficiency"] == pytest.approx({k: v * c["factor"] for k, v in hw.efficiency.items()})
+        # every row of the file is planned on the scaled rates: slower GPUs, fewer tokens per GPU
+        for r in one_node["rows"]:
+            if r.table["hardware"] == name:
+                assert (r.predicted < plain[r.id].predicted) == (c["factor"] < 1)
+    # the goals are judged on the rows that were not calibrated on; all rows are summarised beside
+    used = {i for c in cal.values() for i in c["rows"]}
+    assert one_node["summary"]["planned"] == 41 - len(used) == 36
+    assert one_node["summary_all_rows"]["planned"] == 41
+    assert one_node["summary"]["median_abs_error"] == pytest.approx(
+        statistics.median(abs(r.error) for r in one_node["rows"] if r.id not in used))
+
+
+def test_one_node_calibration_refuses_a_file_with_measured_rates_and_prints_its_factors(capsys):
+    hw = load_hardware(HARDWARE_DIR / "a100-sxm4-80gb-roce4x100.yaml")
+    with pytest.raises(ValueError, match="a100-sxm4-80gb-roce4x100.yaml: carries measured compute rates"):
+        scaled_compute(dataclasses.replace(hw, measured={"bfloat16": {"matmul_tflops": 200.0}}), 0.9)
+    assert main(["--published", "--one-node"]) == 0
+    out = capsys.readouterr().out
+    assert "one-node calibration" in out and "(calibration row)" in out
+    assert "the other rows (the goals are judged on these): 36 of 36 rows planned" in out
+    assert main(["--one-node"]) == 2 and "--published" in capsys.readouterr().err

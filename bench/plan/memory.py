@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from isp_core.comm_formula import _linear_shapes
 from isp_core.model import LlamaConfig
 
-BUCKET_BYTES = 512 << 20  # InternEvo's hybrid_zero_optimizer.reduce_bucket_size in its configs
+# InternEvo's hybrid_zero_optimizer.reduce_bucket_size in its configs (512 * 1024 * 1024), which it
+# counts in gradient elements (hybrid_zero_optim.py:436 at c628a8c): 1 GiB buckets in bfloat16.
+BUCKET_ELEMENTS = 512 << 20
 
 
 def activation_bytes_per_token(cfg: LlamaConfig, E: int, framework: str = "bench") -> float:
@@ -78,7 +80,7 @@ class Optimizer:
         on torch 2.13's AdamW with the CPU allocator, tests/unit/test_plan_memory.py); InternEvo:
         the partition's float32 gradients and two reduction buckets."""
         if self.framework == "internevo":
-            return elements * 4 / self.zero1 + 2 * min(BUCKET_BYTES, elements * E)
+            return elements * 4 / self.zero1 + 2 * min(BUCKET_ELEMENTS, elements) * E
         return (elements * 4 if E != 4 else 0.0) + 2 * 4 * largest / self.zero1
 
 

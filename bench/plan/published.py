@@ -7,7 +7,8 @@ Metrics: `tgs` (tokens per GPU per second: the prediction's tokens/s over the GP
 bench.plan.predict.internevo_flops, over the dtype's peak). Error = predicted / published - 1.
 The goals (docs/plan.md): median |error| <= 5%, no row beyond 15%, every row (each one ran)
 predicted to fit, Kendall tau >= 0.8 between predicted and published values within each model.
-Nothing is fitted to the rows: the hardware files hold datasheet figures and marked assumptions.
+By default nothing is fitted to the rows: the hardware files hold datasheet figures and marked
+assumptions.
 
 With `one_node` (plan --published --one-node) each cluster's compute rate is instead taken from
 its one-node rows, as one would from a measured node before planning the cluster: the file's
@@ -114,8 +115,10 @@ def one_node_factor(specs: list[tuple[dict, dict, list]], hw: Hardware, lo: floa
                              + next(r.why_not for r in rows if r.error is None))
         return statistics.median(r.error for r in rows)
 
+    hi = min(hi, 1.0 / max(hw.efficiency.values()))  # no efficiency above 1
     if not median_error(lo) < 0 < median_error(hi):
-        raise ValueError(f"{hw.source}: no efficiency factor in [{lo}, {hi}] meets the one-node rows")
+        raise ValueError(f"{hw.source}: no factor in [{lo}, {hi:.3g}] (every efficiency at most 1) gives "
+                         "the one-node rows a median error of zero")
     while hi / lo > 1 + tol:
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if median_error(mid) < 0 else (lo, mid)
@@ -136,6 +139,9 @@ def plan_table(path: Path = DEFAULT_TABLE, one_node: bool = False) -> dict[str, 
             hardware[name] = scaled_compute(hw, factor)
             calibration[name] = {"factor": factor, "efficiency": hardware[name].efficiency,
                                  "rows": [f"{t['id']}@{s[0]}/{s[1]}x{s[2]}" for t, _, s in specs]}
+            hardware[name] = dataclasses.replace(hardware[name], assumptions=(
+                f"compute.efficiency x{factor:.3f} from the one-node rows (--one-node): replaces the "
+                "efficiency guesses below",) + hw.assumptions)
     rows = [_plan_row(t, doc["models"][t["model"]], spec, hardware[t["hardware"]])
             for t in doc["tables"] for spec in t["rows"]]
     used = {r for c in calibration.values() for r in c["rows"]}

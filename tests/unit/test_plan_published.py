@@ -88,3 +88,16 @@ def test_one_node_calibration_refuses_a_file_with_measured_rates_and_prints_its_
     assert "one-node calibration" in out and "(calibration row)" in out
     assert "the other rows (the goals are judged on these): 36 of 36 rows planned" in out
     assert main(["--one-node"]) == 2 and "--published" in capsys.readouterr().err
+
+
+def test_one_node_calibration_refuses_a_cluster_without_a_one_node_row(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load(DEFAULT_TABLE.read_text())
+    table = doc["tables"][0]
+    doc["tables"] = [{**table, "rows": [r for r in table["rows"] if r[0] > 8]}]
+    path = tmp_path / "scale-out-only.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"scale-out-only.yaml: a100-sxm4-80gb-roce4x100.yaml has no row on one node"):
+        plan_table(path, one_node=True)
+    assert plan_table(path)["summary"]["planned"] == 7  # without --one-node the rows are planned as ever

@@ -156,7 +156,10 @@ def measure(cell: Cell) -> LocalMeasurement:
         sampler.close()
     cell.clock.lap("nvml_overhead")
     out.rank.profile = profile(cell, step)
-    cell.clock.lap("profile")
+    if cell.config.profile.enabled:
+        cell.clock.lap("profile")
+    else:  # 0, not the microseconds of deciding so
+        cell.clock.skip()
     return out
 
 
@@ -249,7 +252,10 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     cell.clock.skip()  # the reductions above are the runner's reduce_and_teardown
     # After every rank is done measuring: the single-process reference never touches the timings.
     reference, skipped = loss_reference(cell, shared)
-    cell.clock.lap("loss_reference")
+    if computes_reference(shared):
+        cell.clock.lap("loss_reference")
+    else:  # handed the sweep's reference: this cell spent nothing on it (0, not a few microseconds)
+        cell.clock.skip()
     measurement = Measurement(samples, local.first_measured_step, ranks, off, on, pool_bytes, reference,
                               link_curves or [], cell.attention, skipped)
     metrics = assemble_metrics(cell.config, measurement, device)
@@ -262,10 +268,15 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     return metrics
 
 
+def computes_reference(shared: Optional[dict[str, Any]]) -> bool:
+    """Whether this cell computes the loss reference: the runner says so, or said nothing."""
+    return shared is None or bool(shared.get("compute"))
+
+
 def loss_reference(cell: Cell, shared: Optional[dict[str, Any]]) -> tuple[Optional[list[float]], Optional[str]]:
     """(losses, None) or (None, why not): the sweep's shared reference, or one computed here when
     the runner says this cell computes it (or said nothing)."""
-    if shared is not None and not shared.get("compute"):
+    if not computes_reference(shared):
         return shared.get("losses"), shared.get("reason")
     config = cell.config if shared is None else loss_check.reference_config(cell.config)
     if cell.device.type == "cuda":  # the whole device for the reference: the cell's state is done with

@@ -54,8 +54,13 @@ class PhaseClock:
         except (KeyError, ValueError):
             return cls()
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str, ran: bool = True) -> None:
+        """`ran` False: the phase had nothing to do in this cell (no profiling, a reference handed
+        over), so it stays 0 and the moment of deciding so goes to no phase."""
         assert name in WORKER_PHASES, name
+        if not ran:
+            self.skip()
+            return
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
         self._last = now

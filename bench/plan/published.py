@@ -48,6 +48,7 @@ class Row:
     prediction: Prediction | None = None
     why_not: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: bool = False  # --one-node: its file's compute rate was taken from this row
 
     @property
     def error(self) -> float | None:
@@ -83,9 +84,15 @@ def _read(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read the table of published measurements: {exc}") from exc
 
 
+def row_id(table: dict[str, Any], spec: list) -> str:
+    """TABLE@GPUS/MICRO_BSZxMICRO_NUM, from a table and one of its rows."""
+    gpus, micro_bsz, micro_num, _ = spec
+    return f"{table['id']}@{gpus}/{micro_bsz}x{micro_num}"
+
+
 def _plan_row(table: dict[str, Any], model: dict[str, Any], spec: list, hw: Hardware) -> Row:
     gpus, micro_bsz, micro_num, value = spec
-    row = Row(f"{table['id']}@{gpus}/{micro_bsz}x{micro_num}", table, gpus, micro_bsz, micro_num, value)
+    row = Row(row_id(table, spec), table, gpus, micro_bsz, micro_num, value)
     try:
         config = cell_config(table, model, gpus, micro_bsz, micro_num)
         pred = predict(row.id, config, PlanInputs(hw, framework="internevo"))
@@ -136,16 +143,17 @@ def plan_table(path: Path = DEFAULT_TABLE, one_node: bool = False) -> dict[str, 
             if not specs:
                 raise ValueError(f"{path}: {name} has no row on one node ({hw.gpus_per_node} GPUs) to calibrate on")
             factor = one_node_factor(specs, hw)
-            hardware[name] = scaled_compute(hw, factor)
-            calibration[name] = {"factor": factor, "efficiency": hardware[name].efficiency,
-                                 "rows": [f"{t['id']}@{s[0]}/{s[1]}x{s[2]}" for t, _, s in specs]}
-            hardware[name] = dataclasses.replace(hardware[name], assumptions=(
+            hardware[name] = dataclasses.replace(scaled_compute(hw, factor), assumptions=(
                 f"compute.efficiency x{factor:.3f} from the one-node rows (--one-node): replaces the "
                 "efficiency guesses below",) + hw.assumptions)
+            calibration[name] = {"factor": factor, "efficiency": hardware[name].efficiency,
+                                 "rows": [row_id(t, spec) for t, _, spec in specs]}
+    used = {r for c in calibration.values() for r in c["rows"]}
     rows = [_plan_row(t, doc["models"][t["model"]], spec, hardware[t["hardware"]])
             for t in doc["tables"] for spec in t["rows"]]
-    used = {r for c in calibration.values() for r in c["rows"]}
-    result = {"rows": rows, "summary": summary([r for r in rows if r.id not in used]), "sources": doc["sources"],
+    for row in rows:
+        row.calibration = row.id in used
+    result = {"rows": rows, "summary": summary([r for r in rows if not r.calibration]), "sources": doc["sources"],
               "not_planned": doc.get("not_planned", []),
               "assumptions": {name: list(hw.assumptions) for name, hw in hardware.items()}}
     if one_node:
@@ -186,7 +194,6 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
         return json.dumps(doc, indent=1) + "\n"
     lines = []
     table = []
-    used = {r for c in (result.get("calibration") or {}).values() for r in c["rows"]}
     for r in result["rows"]:
         p = r.prediction
         shown = (lambda v: f"{100 * v:.1f}%") if r.table["metric"] == "mfu_internevo" else (lambda v: f"{v:,.0f}")
@@ -196,7 +203,7 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
                       "-" if p is None else f"{p.memory.peak_bytes / 2 ** 30:.1f} / {p.capacity_bytes / 2 ** 30:.1f}"
                       + ("" if p.fits else " NO"),
                       r.why_not or ("" if p is None else f"exposed comm {p.exposed_comm_s:.2f} s of {p.step_time_s:.2f}")
-                      + (" (calibration row)" if r.id in used else "")])
+                      + (" (calibration row)" if r.calibration else "")])
     lines.append(tabulate(table, ["row (table@gpus/micro_bsz x micro_num)", "source", "metric", "published",
                                   "predicted", "error", "peak / capacity GiB", "note"],
                           tablefmt="github" if fmt == "md" else "simple"))

@@ -156,10 +156,7 @@ def measure(cell: Cell) -> LocalMeasurement:
         sampler.close()
     cell.clock.lap("nvml_overhead")
     out.rank.profile = profile(cell, step)
-    if cell.config.profile.enabled:
-        cell.clock.lap("profile")
-    else:  # 0, not the microseconds of deciding so
-        cell.clock.skip()
+    cell.clock.lap("profile", ran=cell.config.profile.enabled)
     return out
 
 
@@ -252,10 +249,7 @@ def run_cell(config: CellConfig, cell_id: str, run_dir: Path, device: torch.devi
     cell.clock.skip()  # the reductions above are the runner's reduce_and_teardown
     # After every rank is done measuring: the single-process reference never touches the timings.
     reference, skipped = loss_reference(cell, shared)
-    if computes_reference(shared):
-        cell.clock.lap("loss_reference")
-    else:  # handed the sweep's reference: this cell spent nothing on it (0, not a few microseconds)
-        cell.clock.skip()
+    cell.clock.lap("loss_reference", ran=computes_reference(shared))
     measurement = Measurement(samples, local.first_measured_step, ranks, off, on, pool_bytes, reference,
                               link_curves or [], cell.attention, skipped)
     metrics = assemble_metrics(cell.config, measurement, device)
